@@ -1,0 +1,12 @@
+// Module entry point. Context-aware (NODE_MODULE_INIT) so worker threads can
+// load it too: nothing here is per-process except the mapping registry,
+// which is shared on purpose (a SharedArrayBuffer can move between threads).
+
+#include "addon.h"
+
+NODE_MODULE_INIT(/* exports, module, context */) {
+  vrdma::RegisterSockets(context, exports);
+  vrdma::RegisterMemory(context, exports);
+  vrdma::RegisterEventfd(context, exports);
+  vrdma::RegisterFdWatcher(context, exports);
+}
