@@ -6,6 +6,7 @@ export default defineConfig({
     // VM tests boot real QEMU under TCG; they run one at a time and need room.
     testTimeout: 60_000,
     hookTimeout: 120_000,
+    globalSetup: ['test/global-setup.ts'],
     pool: 'forks',
     reporters: ['default'],
   },

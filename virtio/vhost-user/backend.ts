@@ -371,6 +371,8 @@ export class VhostUserBackend {
     this.ackedFeatures = 0n;
     this.status = 0;
     this.device.reset();
+    // The device forgot its context; give it again when a ring next runs.
+    this.attached = false;
     this.log.info(`device reset (${why})`);
   }
 
