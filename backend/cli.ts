@@ -68,7 +68,7 @@ await yargs(hideBin(process.argv))
     'Run a vhost-user back-end on a unix socket; QEMU connects to it with -chardev socket,path=... and a vhost-user device.',
     (y) =>
       y
-        .option('socket', { alias: 's', type: 'string', demandOption: true, describe: 'Unix socket path QEMU connects to (a stale socket file there is replaced)' })
+        .option('socket', { alias: 's', type: 'string', default: '/tmp/vrdma.sock', describe: 'Unix socket path QEMU connects to (a stale socket file there is replaced)' })
         .option('device', { alias: 'd', choices: DEVICES, default: 'rng' as DeviceName, describe: 'Device to serve: rng (virtio-rng, use with vhost-user-rng-pci) or echo (test device)' })
         .option('log-level', { type: 'string', default: 'info', describe: 'error | warn | info | debug | trace' })
         .option('qemu-mem', { type: 'number', default: 256, describe: 'Guest RAM size (MiB) used in the printed QEMU arguments' })

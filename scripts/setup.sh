@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything vrdma needs on a fresh Debian 12 machine, idempotent and cached:
+# Debian packages, npm dependencies, the native addon, the TypeScript build
+# and the test guest image. A warm run takes a few seconds.
+#
+#   bash scripts/setup.sh          (what `npm start` and `npm test` run first)
+#
+# Heavy artefacts live under ${VRDMA_CACHE:-$HOME/.cache/vrdma}, outside the repo.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
+
+step() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- Debian packages --------------------------------------------------------
+# qemu-system-x86: Debian's QEMU 7.2 for the VM tests (vhost-user-rng-pci).
+# cpio, kmod, xz-utils, zstd: the guest image build (it fetches its own busybox).
+# g++, make, python3: node-gyp.
+DEBS=(qemu-system-x86 cpio kmod xz-utils zstd g++ make python3)
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[setup] missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+  step "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- npm dependencies ------------------------------------------------------
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  step "installing npm dependencies"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# --- native addon ----------------------------------------------------------
+addon=native/addon/build/Release/vrdma_native.node
+if [ ! -f "$addon" ] || [ -n "$(find native/addon/src native/addon/binding.gyp -newer "$addon" -print -quit)" ]; then
+  step "building the native addon"
+  npx --no-install node-gyp rebuild --directory native/addon --loglevel=error >/dev/null
+fi
+
+# --- TypeScript ------------------------------------------------------------
+step "compiling TypeScript"
+npx --no-install tsc -p tsconfig.json
+
+# --- guest image for the VM tests ------------------------------------------
+bash images/guest/build.sh
+
+step "ready"
