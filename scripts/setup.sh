@@ -34,7 +34,9 @@ fi
 # --- npm dependencies ------------------------------------------------------
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   step "installing npm dependencies"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm install, not npm ci: npm 11 here writes lockfiles without other
+  # platforms' optional packages, which its own `npm ci` then rejects.
+  npm install --no-audit --no-fund --loglevel=error
 fi
 
 # --- native addon ----------------------------------------------------------
