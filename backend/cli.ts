@@ -12,15 +12,42 @@ import { VhostUserServer } from '../virtio/vhost-user/server.js';
 import { RngDevice } from '../virtio/examples/rng-device.js';
 import { EchoDevice } from '../virtio/examples/echo-device.js';
 import type { VirtioDevice } from '../virtio/device.js';
+import { RdmaDevice } from './device/rdma-device.js';
+import { LoopbackEngine } from './engines/loopback/loopback-engine.js';
+import { gidFromAddress } from './gid.js';
+import { numQueues } from './abi/constants.js';
 
-const DEVICES = ['rng', 'echo'] as const;
+const DEVICES = ['rdma', 'rng', 'echo'] as const;
 type DeviceName = (typeof DEVICES)[number];
+const ENGINES = ['loopback'] as const;
+type EngineName = (typeof ENGINES)[number];
 
-function makeDevice(name: DeviceName): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
+interface RdmaArgs {
+  engine: EngineName;
+  gids: string[];
+  cqSlots: number;
+  qpSlots: number;
+}
+
+function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
   switch (name) {
+    case 'rdma': {
+      const engine = new LoopbackEngine();
+      const d = new RdmaDevice({
+        engine,
+        log: log.child('rdma'),
+        gids: rdma.gids.map(gidFromAddress),
+        limits: { numCqSlots: rdma.cqSlots, numQpSlots: rdma.qpSlots, maxCq: rdma.cqSlots, maxQp: rdma.qpSlots },
+      });
+      return {
+        device: d,
+        qemuDevice: `vhost-user-rdma-pci,chardev=vrdma0,cq-slots=${rdma.cqSlots},qp-slots=${rdma.qpSlots}`,
+        summary: () => `rdma (${rdma.engine} engine): ${d.resources?.qps.size ?? 0} QPs, ${d.resources?.cqs.size ?? 0} CQs live`,
+      };
+    }
     case 'rng': {
       const d = new RngDevice();
-      return { device: d, qemuDevice: 'vhost-user-rng-pci', summary: () => `rng: served ${d.bytesServed} bytes in ${d.requestsServed} requests` };
+      return { device: d, qemuDevice: 'vhost-user-rng-pci,chardev=vrdma0', summary: () => `rng: served ${d.bytesServed} bytes in ${d.requestsServed} requests` };
     }
     case 'echo': {
       const d = new EchoDevice();
@@ -34,13 +61,13 @@ function qemuArgs(socket: string, qemuDevice: string, memMiB: number): string {
     `-object memory-backend-memfd,id=mem,size=${memMiB}M,share=on`,
     `-numa node,memdev=mem`,
     `-chardev socket,id=vrdma0,path=${socket}`,
-    `-device ${qemuDevice},chardev=vrdma0`,
+    `-device ${qemuDevice}`,
   ].join(' \\\n  ');
 }
 
-async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number }): Promise<void> {
+async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number; rdma: RdmaArgs }): Promise<void> {
   const log = new Logger(args.logLevel);
-  const { device, qemuDevice, summary } = makeDevice(args.device);
+  const { device, qemuDevice, summary } = makeDevice(args.device, log, args.rdma);
   const backend = new VhostUserBackend(device, log.child('vhost-user'));
   const server = new VhostUserServer(args.socket, backend, log.child('server'));
   server.onConnectionEnd = () => {
@@ -50,6 +77,12 @@ async function serve(args: { socket: string; device: DeviceName; logLevel: LogLe
   server.listen();
   if (qemuDevice !== null) {
     process.stdout.write(`QEMU arguments for this back-end (guest RAM must be shared):\n  ${qemuArgs(args.socket, qemuDevice, args.qemuMem)}\n`);
+    if (args.device === 'rdma') {
+      const n = numQueues(args.rdma.cqSlots, args.rdma.qpSlots);
+      process.stdout.write(
+        `With stock QEMU >= 10.2 (no migration), instead of the last line:\n  -device vhost-user-test-device-pci,chardev=vrdma0,virtio-id=42,num_vqs=${n},config_size=${device.configSize}\n`,
+      );
+    }
   }
   const stop = (sig: string): void => {
     log.info(`${sig}: shutting down; ${summary()}`);
@@ -69,14 +102,25 @@ await yargs(hideBin(process.argv))
     (y) =>
       y
         .option('socket', { alias: 's', type: 'string', default: '/tmp/vrdma.sock', describe: 'Unix socket path QEMU connects to (a stale socket file there is replaced)' })
-        .option('device', { alias: 'd', choices: DEVICES, default: 'rng' as DeviceName, describe: 'Device to serve: rng (virtio-rng, use with vhost-user-rng-pci) or echo (test device)' })
+        .option('device', { alias: 'd', choices: DEVICES, default: 'rdma' as DeviceName, describe: 'Device to serve: rdma (virtio-rdma), rng (virtio-rng, use with vhost-user-rng-pci) or echo (test device)' })
+        .option('engine', { alias: 'e', choices: ENGINES, default: 'loopback' as EngineName, describe: 'RDMA engine: loopback (QPs of this device talk to each other)' })
+        .option('gid', { type: 'string', array: true, default: ['127.0.0.1'], describe: 'IP address for the GID table (repeat for more; IPv4 becomes ::ffff:a.b.c.d)' })
+        .option('cq-slots', { type: 'number', default: 16, describe: 'CQ virtqueues (must match the QEMU device)' })
+        .option('qp-slots', { type: 'number', default: 16, describe: 'QP slots, two virtqueues each (must match the QEMU device)' })
         .option('log-level', { type: 'string', default: 'info', describe: 'error | warn | info | debug | trace' })
         .option('qemu-mem', { type: 'number', default: 256, describe: 'Guest RAM size (MiB) used in the printed QEMU arguments' })
         .check((a) => {
           if (!isLogLevel(a['log-level'])) throw new Error(`unknown log level ${a['log-level']}`);
           return true;
         }),
-    (a) => serve({ socket: a.socket, device: a.device, logLevel: a['log-level'] as LogLevel, qemuMem: a['qemu-mem'] }),
+    (a) =>
+      serve({
+        socket: a.socket,
+        device: a.device,
+        logLevel: a['log-level'] as LogLevel,
+        qemuMem: a['qemu-mem'],
+        rdma: { engine: a.engine, gids: a.gid, cqSlots: a['cq-slots'], qpSlots: a['qp-slots'] },
+      }),
   )
   .demandCommand(1)
   .strict()

@@ -51,6 +51,12 @@ export interface VirtioDevice {
   setStatus?(status: number): void;
   /** The driver kicked queue `index` (it is running). */
   handleQueue(index: number): void;
+  /**
+   * True when the device alone decides when queue `index` interrupts the
+   * driver (through DeviceContext.notify); the handler then does not
+   * interrupt after handleQueue. An RDMA CQ interrupts only when armed.
+   */
+  notifiesItself?(index: number): boolean;
   /** Queue `index` stopped (GET_VRING_BASE) or was disabled. */
   queueStopped?(index: number): void;
   /** Back to the state of a newly created device: driver reset or front-end gone. */

@@ -62,6 +62,8 @@ export interface Completion {
   imm: number;
   /** Receive completions: the sender. */
   srcQp: number;
+  /** Receive completions: the message carried the solicited-event bit (for SOLICITED arming). */
+  solicited?: boolean;
 }
 
 /** QP settings the device model has validated (MODIFY_QP attribute rules) and hands to the engine. */

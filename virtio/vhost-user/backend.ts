@@ -610,7 +610,7 @@ export class VhostUserBackend {
       this.log.error(`vq ${q.index}: device ${this.device.name} failed: ${(err as Error).stack ?? String(err)}`);
     }
     if (q.broken !== null) this.log.warn(`vq ${q.index}: stopped: ${q.broken}`);
-    q.notify();
+    if (!this.device.notifiesItself?.(q.index)) q.notify();
   }
 
   private ensureAttached(): void {

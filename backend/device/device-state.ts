@@ -1,0 +1,273 @@
+/**
+ * Device state as plain, versioned data (JSON in UTF-8): every table, every
+ * outstanding WQE head, CQ arming and backlog, and the engine's own state.
+ * Loading validates every field before anything is applied, so a corrupt
+ * or hostile blob is reported (CHECK_DEVICE_STATE fails) and changes
+ * nothing.
+ */
+import { DeviceError } from '../../virtio/device.js';
+import { QpState, QpType } from '../abi/constants.js';
+import { Cqe } from '../abi/structs.js';
+import type { AddressVector, Engine, QpAttributes } from '../engine/engine.js';
+import type { RdmaLimits } from './limits.js';
+import type { CqRecord, CqeValue, QpRecord, Resources } from './resources.js';
+
+const FORMAT = 'vrdma-device-state';
+const VERSION = 1;
+
+type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
+
+const hex = (b: Uint8Array): string => Buffer.from(b).toString('hex');
+
+function avToJson(av: AddressVector | null): Json {
+  return av === null ? null : { dgid: hex(av.dgid), sgidIndex: av.sgidIndex, hopLimit: av.hopLimit, trafficClass: av.trafficClass, flowLabel: av.flowLabel, sl: av.sl };
+}
+
+function cqeToHex(c: CqeValue): string {
+  return hex(Cqe.encodeBytes(c));
+}
+
+export function saveDeviceState(res: Resources, engine: Engine): Uint8Array {
+  const l = res.limits;
+  const state: Json = {
+    format: FORMAT,
+    version: VERSION,
+    slots: { cq: l.numCqSlots, qp: l.numQpSlots },
+    pds: [...res.pds.values()].map((p) => p.pdn),
+    mrs: res.mrs.saveState() as Json,
+    cqs: [...res.cqs.values()].map((c) => ({
+      cqn: c.cqn,
+      slot: c.slot,
+      cqe: c.cqe,
+      armed: c.armed,
+      error: c.error,
+      errorEventQpn: c.errorEventPending?.qpn ?? null,
+      backlog: c.backlog.map(cqeToHex),
+    })),
+    qps: [...res.qps.values()].map((q) => ({
+      qpn: q.qpn,
+      slot: q.slot,
+      type: q.type,
+      pdn: q.pdn,
+      sendCqn: q.sendCqn,
+      recvCqn: q.recvCqn,
+      sqSigAll: q.sqSigAll,
+      caps: { ...q.caps },
+      attrs: { ...q.attrs, av: avToJson(q.attrs.av) } as unknown as Json,
+      sendOut: [...q.sendOut].map(([head, o]) => [head, o.wrId.toString(), o.signaled]),
+      recvOut: [...q.recvOut].map(([head, wrId]) => [head, wrId.toString()]),
+    })),
+    ahs: [...res.ahs.values()].map((a) => ({ ahn: a.ahn, pdn: a.pdn, av: avToJson(a.av) })),
+    deferred: res.deferred.map((d) => ({ vq: d.vq, head: d.head, len: d.len })),
+    engine: Buffer.from(engine.saveState()).toString('base64'),
+  };
+  return new TextEncoder().encode(JSON.stringify(state));
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+
+class Bad extends DeviceError {
+  constructor(where: string, what: string) {
+    super(`device state: ${where}: ${what}`);
+  }
+}
+
+function obj(x: unknown, where: string): Record<string, unknown> {
+  if (typeof x !== 'object' || x === null || Array.isArray(x)) throw new Bad(where, 'not an object');
+  return x as Record<string, unknown>;
+}
+function arr(x: unknown, where: string): unknown[] {
+  if (!Array.isArray(x)) throw new Bad(where, 'not an array');
+  return x;
+}
+function int(x: unknown, where: string, min: number, max: number): number {
+  if (typeof x !== 'number' || !Number.isInteger(x) || x < min || x > max) throw new Bad(where, `${String(x)} is not an integer in ${min}..${max}`);
+  return x;
+}
+function bool(x: unknown, where: string): boolean {
+  if (typeof x !== 'boolean') throw new Bad(where, 'not a boolean');
+  return x;
+}
+function u64(x: unknown, where: string): bigint {
+  if (typeof x !== 'string' || !/^\d{1,20}$/.test(x)) throw new Bad(where, 'not a u64 decimal string');
+  const v = BigInt(x);
+  if (v >= 1n << 64n) throw new Bad(where, 'exceeds 64 bits');
+  return v;
+}
+function bytes(x: unknown, where: string, len: number): Uint8Array {
+  if (typeof x !== 'string' || x.length !== len * 2 || !/^[0-9a-f]*$/.test(x)) throw new Bad(where, `not ${len} bytes of hex`);
+  return new Uint8Array(Buffer.from(x, 'hex'));
+}
+function av(x: unknown, where: string): AddressVector | null {
+  if (x === null) return null;
+  const o = obj(x, where);
+  return {
+    dgid: bytes(o.dgid, `${where}.dgid`, 16),
+    sgidIndex: int(o.sgidIndex, `${where}.sgidIndex`, 0, 255),
+    hopLimit: int(o.hopLimit, `${where}.hopLimit`, 0, 255),
+    trafficClass: int(o.trafficClass, `${where}.trafficClass`, 0, 255),
+    flowLabel: int(o.flowLabel, `${where}.flowLabel`, 0, 0xfffff),
+    sl: int(o.sl, `${where}.sl`, 0, 15),
+  };
+}
+function attrs(x: unknown, where: string, maxRdAtom: number): QpAttributes {
+  const o = obj(x, where);
+  const u8 = (k: string, max: number): number => int(o[k], `${where}.${k}`, 0, max);
+  return {
+    state: u8('state', QpState.ERR),
+    pathMtu: u8('pathMtu', 5),
+    timeout: u8('timeout', 31),
+    retryCnt: u8('retryCnt', 7),
+    rnrRetry: u8('rnrRetry', 7),
+    minRnrTimer: u8('minRnrTimer', 31),
+    maxRdAtomic: u8('maxRdAtomic', maxRdAtom),
+    maxDestRdAtomic: u8('maxDestRdAtomic', maxRdAtom),
+    accessFlags: u8('accessFlags', 0xf),
+    qkey: int(o.qkey, `${where}.qkey`, 0, 0xffffffff),
+    rqPsn: u8('rqPsn', 0xffffff),
+    sqPsn: u8('sqPsn', 0xffffff),
+    destQpn: u8('destQpn', 0xffffff),
+    pkeyIndex: u8('pkeyIndex', 0),
+    av: av(o.av, `${where}.av`),
+  };
+}
+
+interface Parsed {
+  pds: number[];
+  mrs: unknown;
+  cqs: CqRecord[];
+  qps: QpRecord[];
+  ahs: { ahn: number; pdn: number; av: AddressVector }[];
+  deferred: { vq: number; head: number; len: number }[];
+  engine: Uint8Array;
+}
+
+function parse(blob: Uint8Array, limits: RdmaLimits): Parsed {
+  let root: unknown;
+  try {
+    root = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(blob));
+  } catch (err) {
+    throw new Bad('blob', `not UTF-8 JSON (${(err as Error).message})`);
+  }
+  const r = obj(root, 'root');
+  if (r.format !== FORMAT) throw new Bad('format', `is not ${FORMAT}`);
+  if (r.version !== VERSION) throw new Bad('version', `${String(r.version)} is not ${VERSION}`);
+  const slots = obj(r.slots, 'slots');
+  if (slots.cq !== limits.numCqSlots || slots.qp !== limits.numQpSlots) {
+    throw new Bad('slots', `source had ${String(slots.cq)} CQ and ${String(slots.qp)} QP slots; this device has ${limits.numCqSlots} and ${limits.numQpSlots}`);
+  }
+  const pds = arr(r.pds, 'pds').map((p, i) => int(p, `pds[${i}]`, 1, limits.maxPd));
+  const pdSet = new Set(pds);
+  if (pdSet.size !== pds.length) throw new Bad('pds', 'duplicate PD');
+  const cqSlots = new Set<number>();
+  const cqs = arr(r.cqs, 'cqs').map((x, i): CqRecord => {
+    const w = `cqs[${i}]`;
+    const o = obj(x, w);
+    const slot = int(o.slot, `${w}.slot`, 0, limits.numCqSlots - 1);
+    if (cqSlots.has(slot)) throw new Bad(w, `slot ${slot} used twice`);
+    cqSlots.add(slot);
+    const evQpn = o.errorEventQpn === null ? null : int(o.errorEventQpn, `${w}.errorEventQpn`, 0, 0xffffff);
+    return {
+      cqn: int(o.cqn, `${w}.cqn`, 1, limits.maxCq),
+      slot,
+      cqe: int(o.cqe, `${w}.cqe`, 1, limits.maxCqe),
+      armed: int(o.armed, `${w}.armed`, 0, 3),
+      error: bool(o.error, `${w}.error`),
+      errorEventPending: evQpn === null ? null : { qpn: evQpn },
+      backlog: arr(o.backlog, `${w}.backlog`).map((b, k) => Cqe.decodeBytes(bytes(b, `${w}.backlog[${k}]`, Cqe.size))),
+    };
+  });
+  const cqns = new Set(cqs.map((c) => c.cqn));
+  if (cqns.size !== cqs.length) throw new Bad('cqs', 'duplicate CQ');
+  const qpSlots = new Set<number>();
+  const qps = arr(r.qps, 'qps').map((x, i): QpRecord => {
+    const w = `qps[${i}]`;
+    const o = obj(x, w);
+    const slot = int(o.slot, `${w}.slot`, 0, limits.numQpSlots - 1);
+    if (qpSlots.has(slot)) throw new Bad(w, `slot ${slot} used twice`);
+    qpSlots.add(slot);
+    const type = int(o.type, `${w}.type`, QpType.RC, QpType.UD) as QpType;
+    const pdn = int(o.pdn, `${w}.pdn`, 1, limits.maxPd);
+    if (!pdSet.has(pdn)) throw new Bad(w, `PD ${pdn} does not exist`);
+    const sendCqn = int(o.sendCqn, `${w}.sendCqn`, 1, limits.maxCq);
+    const recvCqn = int(o.recvCqn, `${w}.recvCqn`, 1, limits.maxCq);
+    if (!cqns.has(sendCqn) || !cqns.has(recvCqn)) throw new Bad(w, 'names a CQ that does not exist');
+    const c = obj(o.caps, `${w}.caps`);
+    const caps = {
+      maxSendWr: int(c.maxSendWr, `${w}.caps.maxSendWr`, 1, limits.maxQpWr),
+      maxRecvWr: int(c.maxRecvWr, `${w}.caps.maxRecvWr`, 1, limits.maxQpWr),
+      maxSendSge: int(c.maxSendSge, `${w}.caps.maxSendSge`, 0, limits.maxSge),
+      maxRecvSge: int(c.maxRecvSge, `${w}.caps.maxRecvSge`, 0, limits.maxSge),
+      maxInlineData: int(c.maxInlineData, `${w}.caps.maxInlineData`, 0, limits.maxInlineData),
+    };
+    const head = (h: unknown, where: string): number => int(h, where, 0, 32767);
+    const sendOut = new Map<number, { wrId: bigint; signaled: boolean }>();
+    arr(o.sendOut, `${w}.sendOut`).forEach((e, k) => {
+      const t = arr(e, `${w}.sendOut[${k}]`);
+      const h = head(t[0], `${w}.sendOut[${k}][0]`);
+      if (sendOut.has(h)) throw new Bad(w, `send head ${h} twice`);
+      sendOut.set(h, { wrId: u64(t[1], `${w}.sendOut[${k}][1]`), signaled: bool(t[2], `${w}.sendOut[${k}][2]`) });
+    });
+    const recvOut = new Map<number, bigint>();
+    arr(o.recvOut, `${w}.recvOut`).forEach((e, k) => {
+      const t = arr(e, `${w}.recvOut[${k}]`);
+      const h = head(t[0], `${w}.recvOut[${k}][0]`);
+      if (recvOut.has(h)) throw new Bad(w, `receive head ${h} twice`);
+      recvOut.set(h, u64(t[1], `${w}.recvOut[${k}][1]`));
+    });
+    return {
+      qpn: int(o.qpn, `${w}.qpn`, 1, 0xffffff),
+      slot,
+      type,
+      pdn,
+      sendCqn,
+      recvCqn,
+      sqSigAll: bool(o.sqSigAll, `${w}.sqSigAll`),
+      caps,
+      attrs: attrs(o.attrs, `${w}.attrs`, limits.maxQpRdAtom),
+      sendOut,
+      recvOut,
+    };
+  });
+  if (new Set(qps.map((q) => q.qpn)).size !== qps.length) throw new Bad('qps', 'duplicate QPN');
+  if (qps.length > limits.maxQp) throw new Bad('qps', `${qps.length} QPs exceed ${limits.maxQp}`);
+  const ahs = arr(r.ahs, 'ahs').map((x, i) => {
+    const o = obj(x, `ahs[${i}]`);
+    const pdn = int(o.pdn, `ahs[${i}].pdn`, 1, limits.maxPd);
+    if (!pdSet.has(pdn)) throw new Bad(`ahs[${i}]`, `PD ${pdn} does not exist`);
+    const a = av(o.av, `ahs[${i}].av`);
+    if (a === null) throw new Bad(`ahs[${i}]`, 'no address vector');
+    return { ahn: int(o.ahn, `ahs[${i}].ahn`, 1, limits.maxAh), pdn, av: a };
+  });
+  const nq = 1 + limits.numCqSlots + 2 * limits.numQpSlots;
+  const deferred = arr(r.deferred, 'deferred').map((x, i) => {
+    const o = obj(x, `deferred[${i}]`);
+    return { vq: int(o.vq, `deferred[${i}].vq`, 0, nq - 1), head: int(o.head, `deferred[${i}].head`, 0, 32767), len: int(o.len, `deferred[${i}].len`, 0, 0xffffffff) };
+  });
+  if (typeof r.engine !== 'string' || !/^[A-Za-z0-9+/]*=*$/.test(r.engine)) throw new Bad('engine', 'not base64');
+  return { pds, mrs: r.mrs, cqs, qps, ahs, deferred, engine: new Uint8Array(Buffer.from(r.engine, 'base64')) };
+}
+
+/**
+ * Validates `blob`; when `res` is given, replaces its contents and loads the
+ * engine. With `res` null it only validates (and loads the engine, which is
+ * loaded again when the state is applied).
+ */
+export function loadDeviceState(blob: Uint8Array, res: Resources | null, engine: Engine, limits: RdmaLimits): void {
+  const p = parse(blob, limits);
+  engine.loadState(p.engine);
+  if (res === null) return;
+  res.mrs.loadState(p.mrs);
+  for (const pdn of p.pds) res.pds.put(pdn, { pdn });
+  for (const cq of p.cqs) {
+    res.cqs.put(cq.cqn, cq);
+    res.cqSlots[cq.slot] = cq.cqn;
+  }
+  for (const qp of p.qps) {
+    res.qps.set(qp.qpn, qp);
+    res.qpSlots[qp.slot] = qp.qpn;
+  }
+  for (const ah of p.ahs) res.ahs.put(ah.ahn, ah);
+  res.deferred = p.deferred;
+}

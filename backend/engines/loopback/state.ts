@@ -1,0 +1,294 @@
+/**
+ * The loopback engine's state as versioned plain data (JSON in UTF-8,
+ * bigints as decimal strings, bytes as hex or base64): every QP with its
+ * attributes, its outstanding WRs in order with the device's tokens, its
+ * retry counts, and a pending wait as the time it had left. Decoding checks
+ * every field, so garbage is refused before anything is replaced.
+ */
+import { FIRST_QPN, QPN_MASK, QpState, QpType, SendOp, WcStatus } from '../../abi/constants.js';
+import type { AddressVector, QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
+import { LoopbackQp, type RecvEntry, type SendEntry, type Wait } from './qp.js';
+
+const FORMAT = 'vrdma-loopback-engine';
+const VERSION = 1;
+/** Bounds for what a saved queue may hold (virtqueues have at most 32768 entries). */
+const MAX_QUEUE = 32768;
+const MAX_SGES = 256;
+const MAX_INLINE = 65536;
+/** A saved wait longer than this is garbage (the longest IB timeout is about 2.5 hours). */
+const MAX_WAIT_MS = 1e10;
+
+export interface EngineSnapshot {
+  nextQpn: number;
+  qps: LoopbackQp[];
+}
+
+type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
+
+const hex = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
+
+function avJson(av: AddressVector | null): Json {
+  return av === null ? null : { dgid: hex(av.dgid), sgidIndex: av.sgidIndex, hopLimit: av.hopLimit, trafficClass: av.trafficClass, flowLabel: av.flowLabel, sl: av.sl };
+}
+
+function sgesJson(sges: readonly Sge[]): Json {
+  return sges.map((s) => [s.addr.toString(), s.length, s.lkey]);
+}
+
+function sendWrJson(wr: SendWr): Json {
+  return {
+    wrId: wr.wrId.toString(),
+    opcode: wr.opcode,
+    flags: wr.flags,
+    sges: sgesJson(wr.sges),
+    inline: wr.inline === null ? null : Buffer.from(wr.inline.buffer, wr.inline.byteOffset, wr.inline.byteLength).toString('base64'),
+    length: wr.length,
+    imm: wr.imm >>> 0,
+    remoteAddr: wr.remoteAddr.toString(),
+    rkey: wr.rkey >>> 0,
+    compareAdd: wr.compareAdd.toString(),
+    swap: wr.swap.toString(),
+    ud: wr.ud === null ? null : { av: avJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
+  };
+}
+
+/** Time a wait has left at `now`; null for a wait without end. */
+export function remainingMs(w: Wait, now: number): number | null {
+  if (w.deadline !== null) return Math.max(0, w.deadline - now);
+  return w.remainingMs;
+}
+
+export function encodeState(s: EngineSnapshot, now: number): Uint8Array {
+  const state: Json = {
+    format: FORMAT,
+    version: VERSION,
+    nextQpn: s.nextQpn,
+    qps: s.qps.map((qp) => ({
+      qpn: qp.qpn,
+      type: qp.type,
+      pdn: qp.pdn,
+      maxSendWr: qp.maxSendWr,
+      maxRecvWr: qp.maxRecvWr,
+      attrs: { ...qp.attrs, qkey: qp.attrs.qkey >>> 0, av: avJson(qp.attrs.av) },
+      rnrRetries: qp.rnrRetries,
+      retries: qp.retries,
+      flushPending: qp.flushPending,
+      badPost: qp.badPost,
+      wait: qp.wait === null ? null : { kind: qp.wait.kind, remainingMs: remainingMs(qp.wait, now) },
+      sq: qp.sq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: sendWrJson(e.wr) })),
+      rq: qp.rq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: { wrId: e.wr.wrId.toString(), sges: sgesJson(e.wr.sges), length: e.wr.length } })),
+    })),
+  };
+  return new TextEncoder().encode(JSON.stringify(state));
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+
+export class EngineStateError extends Error {
+  constructor(where: string, what: string) {
+    super(`loopback engine state: ${where}: ${what}`);
+    this.name = 'EngineStateError';
+  }
+}
+
+function obj(x: unknown, where: string): Record<string, unknown> {
+  if (typeof x !== 'object' || x === null || Array.isArray(x)) throw new EngineStateError(where, 'not an object');
+  return x as Record<string, unknown>;
+}
+function arr(x: unknown, where: string, max: number): unknown[] {
+  if (!Array.isArray(x)) throw new EngineStateError(where, 'not an array');
+  if (x.length > max) throw new EngineStateError(where, `${x.length} entries, at most ${max}`);
+  return x;
+}
+function int(x: unknown, where: string, min: number, max: number): number {
+  if (typeof x !== 'number' || !Number.isInteger(x) || x < min || x > max) throw new EngineStateError(where, `${String(x)} is not an integer in ${min}..${max}`);
+  return x;
+}
+function bool(x: unknown, where: string): boolean {
+  if (typeof x !== 'boolean') throw new EngineStateError(where, 'not a boolean');
+  return x;
+}
+function u64(x: unknown, where: string): bigint {
+  if (typeof x !== 'string' || !/^\d{1,20}$/.test(x)) throw new EngineStateError(where, 'not a u64 decimal string');
+  const v = BigInt(x);
+  if (v >= 1n << 64n) throw new EngineStateError(where, 'exceeds 64 bits');
+  return v;
+}
+function hexBytes(x: unknown, where: string, len: number): Uint8Array {
+  if (typeof x !== 'string' || x.length !== len * 2 || !/^[0-9a-fA-F]*$/.test(x)) throw new EngineStateError(where, `not ${len} bytes of hex`);
+  return new Uint8Array(Buffer.from(x, 'hex'));
+}
+const U32 = 0xffff_ffff;
+
+function status(x: unknown, where: string): WcStatus | null {
+  if (x === null) return null;
+  const v = int(x, where, 0, 255);
+  if (WcStatus[v] === undefined) throw new EngineStateError(where, `${v} is not a completion status`);
+  return v as WcStatus;
+}
+
+function av(x: unknown, where: string): AddressVector | null {
+  if (x === null) return null;
+  const o = obj(x, where);
+  return {
+    dgid: hexBytes(o.dgid, `${where}.dgid`, 16),
+    sgidIndex: int(o.sgidIndex, `${where}.sgidIndex`, 0, 255),
+    hopLimit: int(o.hopLimit, `${where}.hopLimit`, 0, 255),
+    trafficClass: int(o.trafficClass, `${where}.trafficClass`, 0, 255),
+    flowLabel: int(o.flowLabel, `${where}.flowLabel`, 0, 0xfffff),
+    sl: int(o.sl, `${where}.sl`, 0, 15),
+  };
+}
+
+function attrs(x: unknown, where: string): QpAttributes {
+  const o = obj(x, where);
+  const f = (k: string, max: number): number => int(o[k], `${where}.${k}`, 0, max);
+  return {
+    state: f('state', QpState.ERR) as QpState,
+    pathMtu: f('pathMtu', 5),
+    timeout: f('timeout', 31),
+    retryCnt: f('retryCnt', 7),
+    rnrRetry: f('rnrRetry', 7),
+    minRnrTimer: f('minRnrTimer', 31),
+    maxRdAtomic: f('maxRdAtomic', 255),
+    maxDestRdAtomic: f('maxDestRdAtomic', 255),
+    accessFlags: f('accessFlags', 0xf),
+    qkey: f('qkey', U32),
+    rqPsn: f('rqPsn', QPN_MASK),
+    sqPsn: f('sqPsn', QPN_MASK),
+    destQpn: f('destQpn', QPN_MASK),
+    pkeyIndex: f('pkeyIndex', 0xffff),
+    av: av(o.av, `${where}.av`),
+  };
+}
+
+function sges(x: unknown, where: string): { sges: Sge[]; total: number } {
+  let total = 0;
+  const list = arr(x, where, MAX_SGES).map((s, i): Sge => {
+    const t = arr(s, `${where}[${i}]`, 3);
+    if (t.length !== 3) throw new EngineStateError(`${where}[${i}]`, 'not [addr, length, lkey]');
+    const length = int(t[1], `${where}[${i}].length`, 0, U32);
+    total += length;
+    return { addr: u64(t[0], `${where}[${i}].addr`), length, lkey: int(t[2], `${where}[${i}].lkey`, 0, U32) };
+  });
+  return { sges: list, total };
+}
+
+const SEND_OPS = new Set<number>([
+  SendOp.RDMA_WRITE,
+  SendOp.RDMA_WRITE_WITH_IMM,
+  SendOp.SEND,
+  SendOp.SEND_WITH_IMM,
+  SendOp.RDMA_READ,
+  SendOp.ATOMIC_CMP_AND_SWP,
+  SendOp.ATOMIC_FETCH_AND_ADD,
+]);
+
+function sendWr(x: unknown, where: string): SendWr {
+  const o = obj(x, where);
+  const opcode = int(o.opcode, `${where}.opcode`, 0, 255);
+  if (!SEND_OPS.has(opcode)) throw new EngineStateError(`${where}.opcode`, `${opcode} is not a supported opcode`);
+  const { sges: list, total } = sges(o.sges, `${where}.sges`);
+  let inline: Uint8Array | null = null;
+  if (o.inline !== null) {
+    if (typeof o.inline !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(o.inline)) throw new EngineStateError(`${where}.inline`, 'not base64');
+    inline = new Uint8Array(Buffer.from(o.inline, 'base64'));
+    if (inline.length > MAX_INLINE) throw new EngineStateError(`${where}.inline`, `${inline.length} bytes`);
+    if (list.length !== 0) throw new EngineStateError(where, 'both inline data and SGEs');
+  }
+  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+  if (length !== (inline !== null ? inline.length : total)) throw new EngineStateError(`${where}.length`, `${length} does not match the data it names`);
+  let ud: SendWr['ud'] = null;
+  if (o.ud !== null) {
+    const u = obj(o.ud, `${where}.ud`);
+    const a = av(u.av, `${where}.ud.av`);
+    if (a === null) throw new EngineStateError(`${where}.ud.av`, 'missing');
+    ud = { av: a, remoteQpn: int(u.remoteQpn, `${where}.ud.remoteQpn`, 0, QPN_MASK), remoteQkey: int(u.remoteQkey, `${where}.ud.remoteQkey`, 0, U32) };
+  }
+  return {
+    wrId: u64(o.wrId, `${where}.wrId`),
+    opcode: opcode as SendOp,
+    flags: int(o.flags, `${where}.flags`, 0, 0xff),
+    sges: list,
+    inline,
+    length,
+    imm: int(o.imm, `${where}.imm`, 0, U32),
+    remoteAddr: u64(o.remoteAddr, `${where}.remoteAddr`),
+    rkey: int(o.rkey, `${where}.rkey`, 0, U32),
+    compareAdd: u64(o.compareAdd, `${where}.compareAdd`),
+    swap: u64(o.swap, `${where}.swap`),
+    ud,
+  };
+}
+
+function recvWr(x: unknown, where: string): RecvWr {
+  const o = obj(x, where);
+  const { sges: list, total } = sges(o.sges, `${where}.sges`);
+  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+  if (length !== total) throw new EngineStateError(`${where}.length`, `${length} is not the sum of its SGEs (${total})`);
+  return { wrId: u64(o.wrId, `${where}.wrId`), sges: list, length };
+}
+
+function queue<W>(x: unknown, where: string, parseWr: (x: unknown, where: string) => W): { token: number; wr: W; postError: WcStatus | null }[] {
+  const tokens = new Set<number>();
+  return arr(x, where, MAX_QUEUE).map((e, i) => {
+    const w = `${where}[${i}]`;
+    const o = obj(e, w);
+    const token = int(o.token, `${w}.token`, 0, U32);
+    if (tokens.has(token)) throw new EngineStateError(w, `token ${token} twice`);
+    tokens.add(token);
+    return { token, postError: status(o.postError, `${w}.postError`), wr: parseWr(o.wr, `${w}.wr`) };
+  });
+}
+
+export function decodeState(bytes: Uint8Array): EngineSnapshot {
+  let root: unknown;
+  try {
+    root = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch (err) {
+    throw new EngineStateError('blob', `not UTF-8 JSON (${(err as Error).message})`);
+  }
+  const r = obj(root, 'root');
+  if (r.format !== FORMAT) throw new EngineStateError('format', `is not ${FORMAT}`);
+  if (r.version !== VERSION) throw new EngineStateError('version', `${String(r.version)} is not ${VERSION}`);
+  const nextQpn = int(r.nextQpn, 'nextQpn', FIRST_QPN, QPN_MASK);
+  const seen = new Set<number>();
+  const qps = arr(r.qps, 'qps', 1 << 20).map((x, i) => {
+    const w = `qps[${i}]`;
+    const o = obj(x, w);
+    const qpn = int(o.qpn, `${w}.qpn`, FIRST_QPN, QPN_MASK);
+    if (seen.has(qpn)) throw new EngineStateError(w, `QPN 0x${qpn.toString(16)} twice`);
+    seen.add(qpn);
+    const type = int(o.type, `${w}.type`, QpType.RC, QpType.UD) as QpType;
+    const qp = new LoopbackQp(
+      qpn,
+      type,
+      int(o.pdn, `${w}.pdn`, 1, U32),
+      int(o.maxSendWr, `${w}.maxSendWr`, 1, MAX_QUEUE),
+      int(o.maxRecvWr, `${w}.maxRecvWr`, 1, MAX_QUEUE),
+      attrs(o.attrs, `${w}.attrs`),
+    );
+    qp.rnrRetries = int(o.rnrRetries, `${w}.rnrRetries`, 0, 7);
+    qp.retries = int(o.retries, `${w}.retries`, 0, 7);
+    qp.flushPending = bool(o.flushPending, `${w}.flushPending`);
+    qp.badPost = bool(o.badPost, `${w}.badPost`);
+    for (const e of queue(o.sq, `${w}.sq`, sendWr)) qp.sq.push(e as SendEntry);
+    for (const e of queue(o.rq, `${w}.rq`, recvWr)) qp.rq.push(e as RecvEntry);
+    if (o.wait !== null) {
+      const wt = obj(o.wait, `${w}.wait`);
+      if (wt.kind !== 'rnr' && wt.kind !== 'retry') throw new EngineStateError(`${w}.wait.kind`, `${String(wt.kind)} is not rnr or retry`);
+      let remaining: number | null = null;
+      if (wt.remainingMs !== null) {
+        if (typeof wt.remainingMs !== 'number' || !Number.isFinite(wt.remainingMs) || wt.remainingMs < 0 || wt.remainingMs > MAX_WAIT_MS) {
+          throw new EngineStateError(`${w}.wait.remainingMs`, `${String(wt.remainingMs)} is not a time in 0..${MAX_WAIT_MS} ms`);
+        }
+        remaining = wt.remainingMs;
+      }
+      if (qp.sq.length === 0) throw new EngineStateError(`${w}.wait`, 'a wait with no send WR');
+      qp.wait = { kind: wt.kind, deadline: null, remainingMs: remaining, timer: null };
+    }
+    return qp;
+  });
+  return { nextQpn, qps };
+}
