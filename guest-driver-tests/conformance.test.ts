@@ -18,6 +18,7 @@ interface Config {
   name: string;
   mode: DeviceMode;
   limits?: Partial<RdmaLimits>;
+  gids?: string[];
   driver?: RefDriverOptions;
   scenarios: Record<string, Scenario>;
 }
@@ -36,6 +37,12 @@ const CONFIGS: Config[] = [
   },
   { name: 'in-process, small limits', mode: 'in-process', limits: SMALL_LIMITS, scenarios: LIMIT_SCENARIOS },
   {
+    name: 'in-process, IPv6 GID table',
+    mode: 'in-process',
+    gids: ['fd00:1234::7', '10.1.2.3'],
+    scenarios: Object.fromEntries(['udSendRecv', 'rcSendRecv', 'queryBasics', 'limitAh'].map((n) => [n, ALL_SCENARIOS[n]!])),
+  },
+  {
     name: 'separate process',
     mode: 'process',
     limits: { numCqSlots: 8, numQpSlots: 8 },
@@ -44,7 +51,7 @@ const CONFIGS: Config[] = [
 ];
 
 async function runScenario(cfg: Config, name: string, fn: Scenario): Promise<void> {
-  const dut = await startDevice({ mode: cfg.mode, ...(cfg.limits ? { limits: cfg.limits } : {}), logLevel: process.env.VRDMA_TEST_LOG === 'debug' ? 'debug' : 'info' });
+  const dut = await startDevice({ mode: cfg.mode, ...(cfg.limits ? { limits: cfg.limits } : {}), ...(cfg.gids ? { gids: cfg.gids } : {}), logLevel: process.env.VRDMA_TEST_LOG === 'debug' ? 'debug' : 'info' });
   let ok = false;
   try {
     const drv = await dut.open({ name, ...cfg.driver });

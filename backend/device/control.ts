@@ -5,6 +5,7 @@
  */
 import type { Logger } from '../../virtio/log.js';
 import {
+  ACCESS_ALL,
   ACCESS_REMOTE,
   Access,
   Cmd,
@@ -308,6 +309,7 @@ export class ControlPlane {
   private getDmaMr(body: Uint8Array): Uint8Array {
     const r = need(GetDmaMrReq, body);
     this.pd(r.pdn);
+    if (r.access & ~ACCESS_ALL) throw invalid(`unknown access bits 0x${r.access.toString(16)}`);
     if (r.access & ACCESS_REMOTE) throw invalid('a DMA MR cannot grant remote access');
     const mr = this.res.mrs.registerDma(r.pdn, r.access & Access.LOCAL_WRITE);
     return MrResp.encodeBytes({ mrn: mr.mrn, lkey: mr.lkey, rkey: mr.rkey, reserved: 0 });

@@ -69,6 +69,38 @@ import {
 import { DriverQueue, type BufferSegment } from '../../virtio/frontend/driver-queue.js';
 import type { VhostUserFrontend } from '../../virtio/frontend/frontend.js';
 import { GuestRam } from '../../virtio/frontend/guest-ram.js';
+import { native } from '../../virtio/sys/native.js';
+import { Socket } from 'node:net';
+
+function readAllFromFd(fd: number): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    const s = new Socket({ fd, readable: true, writable: false });
+    const chunks: Uint8Array[] = [];
+    s.on('data', (c: Uint8Array) => chunks.push(c));
+    s.on('end', () => {
+      s.destroy();
+      const out = new Uint8Array(chunks.reduce((n, c) => n + c.byteLength, 0));
+      let at = 0;
+      for (const c of chunks) {
+        out.set(c, at);
+        at += c.byteLength;
+      }
+      resolve(out);
+    });
+    s.on('error', reject);
+  });
+}
+
+function writeAllToFd(fd: number, data: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const s = new Socket({ fd, readable: false, writable: true });
+    s.on('error', reject);
+    s.end(data, () => {
+      s.destroy();
+      resolve();
+    });
+  });
+}
 import { VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit, hasBit } from '../../virtio/vhost-user/protocol.js';
 import { GuestAllocator } from './allocator.js';
 import { EventFdWaiter, sleep } from './event-wait.js';
@@ -229,7 +261,7 @@ export class RefDriver implements Verbs {
   private closed = false;
 
   private constructor(
-    readonly fe: VhostUserFrontend,
+    public fe: VhostUserFrontend,
     options: RefDriverOptions,
   ) {
     this.name = options.name ?? 'ref-driver';
@@ -324,6 +356,40 @@ export class RefDriver implements Verbs {
     const m = new Map<number, number>();
     for (const q of this.allQueues()) if (q.outstanding > 0) m.set(q.index, q.outstanding);
     return m;
+  }
+
+  /**
+   * Live-migrates the device under this driver, as QEMU does in the stopped
+   * phase: every ring is stopped on the current back-end (GET_VRING_BASE),
+   * its state moves out through SET_DEVICE_STATE_FD and into `dest`, and
+   * `dest` gets the same guest memory and rings, resuming at the same
+   * bases. Returns the state's size in bytes.
+   */
+  async migrateTo(dest: VhostUserFrontend): Promise<number> {
+    const queues = this.allQueues();
+    const bases: number[] = [];
+    for (const q of queues) bases.push(await this.fe.getVringBase(q.index));
+    const [mine, theirs] = native.socketPair();
+    const saveReply = await this.fe.setDeviceStateFd(0, theirs);
+    native.close(theirs);
+    if ((saveReply & 0xffn) !== 0n) throw new DriverProtocolError(`SET_DEVICE_STATE_FD (save) failed: 0x${saveReply.toString(16)}`);
+    const state = await readAllFromFd(mine);
+    if ((await this.fe.checkDeviceState()) !== 0n) throw new DriverProtocolError('CHECK_DEVICE_STATE failed on the source');
+
+    await dest.negotiate(this.fe.features, this.fe.protocolFeatures);
+    await dest.setStatus(VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
+    await dest.setMemTable([this.ram]);
+    const [mine2, theirs2] = native.socketPair();
+    const loadReply = await dest.setDeviceStateFd(1, theirs2);
+    native.close(theirs2);
+    if ((loadReply & 0xffn) !== 0n) throw new DriverProtocolError(`SET_DEVICE_STATE_FD (load) failed: 0x${loadReply.toString(16)}`);
+    await writeAllToFd(mine2, state);
+    if ((await dest.checkDeviceState()) !== 0n) throw new DriverProtocolError('CHECK_DEVICE_STATE failed on the destination');
+    for (let i = 0; i < queues.length; i++) await dest.startQueue(this.ram, queues[i]!, { base: bases[i]! });
+    await dest.setStatus(VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_DRIVER_OK);
+    this.fe.close();
+    this.fe = dest;
+    return state.byteLength;
   }
 
   async close(): Promise<void> {

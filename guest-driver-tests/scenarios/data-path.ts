@@ -5,7 +5,6 @@
  */
 import { Access, QpState, QpType, SendFlag, Status, WcFlag, WcOpcode, WcStatus, WrOpcode } from '../verbs.js';
 import {
-  ALL_ACCESS,
   DEFAULT_QKEY,
   avTo,
   bringUp,
@@ -22,7 +21,6 @@ import {
   makeSide,
   mrBuf,
   pattern,
-  pdOf,
   pollN,
   readU64le,
   u64le,

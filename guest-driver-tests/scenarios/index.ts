@@ -24,6 +24,7 @@ import {
 import { cqArmingAndInterrupts, cqOverflow } from './completion-queue.js';
 import { modifyQpRules, qpErrorFlush } from './qp-state.js';
 import { limitAh, limitCq, limitCqSlots, limitMr, limitPd, limitQp, limitQpSlots } from './limits.js';
+import { postInWrongState, receiveTooSmall, rnrRetryExceeded, signalingRules } from './errors.js';
 import { destroyCqInUse, destroyPdInUse, destroyQpWithOutstandingWqes } from './lifetimes.js';
 
 export type { Scenario, ScenarioEnv } from './common.js';
@@ -55,10 +56,14 @@ export const LIMIT_SCENARIOS: Record<string, Scenario> = { limitPd, limitMr, lim
 
 export const LIFETIME_SCENARIOS: Record<string, Scenario> = { destroyPdInUse, destroyCqInUse, destroyQpWithOutstandingWqes };
 
+/** Signalling and the work-request errors of §9. */
+export const ERROR_SCENARIOS: Record<string, Scenario> = { signalingRules, postInWrongState, rnrRetryExceeded, receiveTooSmall };
+
 export const ALL_SCENARIOS: Record<string, Scenario> = {
   ...DATA_PATH_SCENARIOS,
   ...CQ_SCENARIOS,
   ...QP_STATE_SCENARIOS,
   ...LIMIT_SCENARIOS,
   ...LIFETIME_SCENARIOS,
+  ...ERROR_SCENARIOS,
 };

@@ -4,7 +4,7 @@
  * DESTROY_QP with outstanding WQEs is allowed and produces no completions;
  * dead handles are ENOENT.
  */
-import { Access, QpState, QpType, SendFlag, Status, WcStatus, WrOpcode, type Ah, type Mr, type Qp } from '../verbs.js';
+import { Access, QpState, QpType, SendFlag, Status, WcStatus, WrOpcode } from '../verbs.js';
 import {
   DEFAULT_CAP,
   avTo,
@@ -126,4 +126,3 @@ export async function destroyQpWithOutstandingWqes(env: ScenarioEnv): Promise<vo
   });
 }
 
-export type { Ah, Mr, Qp };

@@ -4,14 +4,13 @@
  * nothing behind, and after freeing, exactly as many can be allocated again.
  * Also the argument checks of the creating commands.
  */
-import { Access, QpType, Status, statusName, type Cq, type DeviceAttr, type Mr, type Pd, type Verbs } from '../verbs.js';
+import { Access, QpType, SendFlag, Status, WcStatus, WrOpcode, statusName, type Cq, type Mr, type Pd, type Verbs } from '../verbs.js';
 import {
   DEFAULT_CAP,
   ScenarioFailure,
   Teardown,
   allocateUntilFailure,
   avTo,
-  check,
   connectedPair,
   expectBytes,
   expectEq,
@@ -25,7 +24,6 @@ import {
   withTeardown,
   type ScenarioEnv,
 } from './common.js';
-import { SendFlag, WcStatus, WrOpcode } from '../verbs.js';
 
 /** Fills a table, frees it, fills it again: same count, same status, every time. */
 async function fillTwice<T>(
@@ -183,7 +181,6 @@ export async function limitAh(env: ScenarioEnv): Promise<void> {
 }
 
 async function slotChurn(
-  env: ScenarioEnv,
   what: string,
   limitCount: number,
   make: () => Promise<unknown>,
@@ -215,7 +212,7 @@ export async function limitCqSlots(env: ScenarioEnv): Promise<void> {
   const dev = await v.queryDevice();
   const slots = dev.virtio?.numCqSlots ?? dev.maxCq;
   const n = Math.min(slots, dev.maxCq);
-  await slotChurn(env, 'CQ slots', n, () => v.createCq(4), (cq: Cq) => v.destroyCq(cq));
+  await slotChurn('CQ slots', n, () => v.createCq(4), (cq: Cq) => v.destroyCq(cq));
   const held: Cq[] = [];
   try {
     for (let i = 0; i < n; i++) held.push(await v.createCq(2));
@@ -234,7 +231,7 @@ export async function limitQpSlots(env: ScenarioEnv): Promise<void> {
   await withTeardown(async (t) => {
     const { pd, cq } = await qpFixture(t, v);
     const mk = (): Promise<unknown> => v.createQp(pd, { qpType: QpType.RC, sendCq: cq, recvCq: cq, cap: DEFAULT_CAP });
-    await slotChurn(env, 'QP slots', n, mk, (qp: never) => v.destroyQp(qp));
+    await slotChurn('QP slots', n, mk, (qp: never) => v.destroyQp(qp));
     const held: Awaited<ReturnType<Verbs['createQp']>>[] = [];
     try {
       for (let i = 0; i < n; i++) held.push(await v.createQp(pd, { qpType: QpType.RC, sendCq: cq, recvCq: cq, cap: DEFAULT_CAP }));
@@ -260,4 +257,3 @@ export async function limitQpSlots(env: ScenarioEnv): Promise<void> {
   });
 }
 
-export type { DeviceAttr };

@@ -7,7 +7,6 @@ import { Access, QpAttrMask as M, QpState, QpType, SendFlag, Status, WcStatus, W
 import {
   ScenarioFailure,
   avTo,
-  bringUp,
   connectedPair,
   expectEq,
   expectNoWc,
@@ -26,7 +25,6 @@ import {
   UD_INIT_MASK,
   DEFAULT_QKEY,
   type ScenarioEnv,
-  type Side,
 } from './common.js';
 
 /**
@@ -238,4 +236,3 @@ export async function modifyQpRules(env: ScenarioEnv): Promise<void> {
   });
 }
 
-export type { Side };

@@ -140,10 +140,10 @@ export class VhostUserFrontend {
   }
 
   /** SET_VRING_NUM/BASE/ADDR/KICK/CALL, then enable. */
-  async startQueue(ram: GuestRam, q: DriverQueue, opts: { logGpa?: number; log?: boolean } = {}): Promise<void> {
+  async startQueue(ram: GuestRam, q: DriverQueue, opts: { logGpa?: number; log?: boolean; base?: number } = {}): Promise<void> {
     const index = q.index;
     await this.send(FrontendReq.SET_VRING_NUM, { kind: 'vringState', index, num: q.size });
-    await this.send(FrontendReq.SET_VRING_BASE, { kind: 'vringState', index, num: 0 });
+    await this.send(FrontendReq.SET_VRING_BASE, { kind: 'vringState', index, num: opts.base ?? 0 });
     await this.send(FrontendReq.SET_VRING_ADDR, {
       kind: 'vringAddr',
       index,

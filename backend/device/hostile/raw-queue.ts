@@ -84,6 +84,12 @@ export class RawQueue<T = unknown> {
     return n;
   }
 
+  /** Posts the device has not returned yet, counting used elements not taken yet as returned. */
+  get deviceHolds(): number {
+    const unread = (this.deviceUsedIdx() - this.lastUsed) & 0xffff;
+    return this.published - this.returned - unread;
+  }
+
   /** Chains added (published or not) that the device has not returned. */
   get outstandingChains(): number {
     return this.out.size;

@@ -935,11 +935,14 @@ export class Rig {
     this.ram.bytes(gpa, bytes.byteLength).set(bytes);
     const segs: Segment[] = [];
     let off = 0;
-    for (const n of splitSizes(bytes.byteLength, o.split)) {
-      segs.push({ gpa: gpa + off, len: n, writable: false });
-      off += n;
+    if (bytes.byteLength > 0) {
+      for (const n of splitSizes(bytes.byteLength, o.split)) {
+        segs.push({ gpa: gpa + off, len: n, writable: false });
+        off += n;
+      }
     }
     if (writable > 0) segs.push({ gpa: gpa + off, len: writable, writable: true });
+    if (segs.length === 0) segs.push({ gpa, len: 0, writable: false });
     const head = q.add(segs, tag);
     if (head === null) {
       if (tag >= 0) arena.give(tag);
@@ -969,6 +972,18 @@ export class Rig {
       out.push({ head: u.head, len: u.len });
     }
     return out;
+  }
+
+  /** Collects the returned SQ and RQ chains of a QP. */
+  reapQp(qp: QpInfo | number): { sq: { head: number; len: number }[]; rq: { head: number; len: number }[] } {
+    const slot = typeof qp === 'number' ? qp : qp.slot;
+    return { sq: this.reapWq(this.sqQ[slot]!), rq: this.reapWq(this.rqQ[slot]!) };
+  }
+
+  /** Chains of a QP slot the device still holds. */
+  held(qp: QpInfo | number): { sq: number; rq: number } {
+    const slot = typeof qp === 'number' ? qp : qp.slot;
+    return { sq: this.sqQ[slot]!.deviceHolds, rq: this.rqQ[slot]!.deviceHolds };
   }
 
   // --- device state -------------------------------------------------------------

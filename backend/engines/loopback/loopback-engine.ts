@@ -247,11 +247,16 @@ export class LoopbackEngine implements Engine {
     this.reset();
   }
 
-  /** True when nothing is queued to run and no wait is pending (tests, diagnostics). */
+  /** True when no step is scheduled (tests, diagnostics); WRs parked in a wait do not count. */
   get idle(): boolean {
-    if (this.immediate !== null || this.ready.size > 0) return false;
-    for (const qp of this.qps.values()) if (qp.wait !== null) return false;
-    return true;
+    return this.immediate === null;
+  }
+
+  /** Send WRs parked in an RNR or retry wait (tests, diagnostics). */
+  get waiting(): number {
+    let n = 0;
+    for (const qp of this.qps.values()) if (qp.wait !== null) n++;
+    return n;
   }
 
   // ---------------------------------------------------------------------------
