@@ -10,6 +10,8 @@ import { QpState, QpType } from '../abi/constants.js';
 import { Cqe } from '../abi/structs.js';
 import type { AddressVector, Engine, QpAttributes } from '../engine/engine.js';
 import type { RdmaLimits } from './limits.js';
+import { MrTable } from './mr-table.js';
+import { GuestMemory } from '../../virtio/memory/guest-memory.js';
 import type { CqRecord, CqeValue, QpRecord, Resources } from './resources.js';
 
 const FORMAT = 'vrdma-device-state';
@@ -256,8 +258,13 @@ function parse(blob: Uint8Array, limits: RdmaLimits): Parsed {
  */
 export function loadDeviceState(blob: Uint8Array, res: Resources | null, engine: Engine, limits: RdmaLimits): void {
   const p = parse(blob, limits);
+  if (res === null) {
+    // No guest memory yet: check the MR part against a scratch table, which needs none to load.
+    new MrTable(limits.maxMr, new GuestMemory(1), limits.maxMrSize).loadState(p.mrs);
+    engine.loadState(p.engine);
+    return;
+  }
   engine.loadState(p.engine);
-  if (res === null) return;
   res.mrs.loadState(p.mrs);
   for (const pdn of p.pds) res.pds.put(pdn, { pdn });
   for (const cq of p.cqs) {

@@ -9,6 +9,7 @@
  * that was deregistered does not name the MR that reuses its number (until
  * the slot has been reused 256 times).
  */
+import { DeviceError } from '../../virtio/device.js';
 import type { GuestMemory } from '../../virtio/memory/guest-memory.js';
 import { ACCESS_ALL, ACCESS_REMOTE, Access, MAX_PAGE_LIST_PAGES, PAGE_LIST_ENTRIES, RDMA_PAGE_SIZE, Status } from '../abi/constants.js';
 import { ControlError, invalid, noent } from './errors.js';
@@ -243,7 +244,7 @@ export class MrTable {
 
   private parse(data: unknown): { keys: Uint8Array; mrs: MrRecord[] } {
     const fail = (what: string): never => {
-      throw new Error(`MR table state: ${what}`);
+      throw new DeviceError(`MR table state: ${what}`);
     };
     const o = obj(data, 'root', fail);
     if (o.version !== SAVE_VERSION) fail(`version ${String(o.version)} is not ${SAVE_VERSION}`);

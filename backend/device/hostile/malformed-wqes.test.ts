@@ -380,8 +380,12 @@ describe('send WQE format (docs §5, §9)', () => {
     // Valid UD traffic; the AH goes away right after the post.
     rig.postRecv(ud2, recvWqe(0x10n, [sge(w.v.mrB, 0, 200)]));
     await rig.until(() => rig.device.resources!.qps.get(ud2.qpn)!.recvOut.size === 1, 1000, 'UD receive');
+    // Hold the engine so that the WQE is posted (the device reads it) before DESTROY_AH, and runs after it.
+    rig.engine.suspend();
     rig.postSend(ud, wqe(ah, 0x11n));
+    await rig.until(() => rig.device.resources!.qps.get(ud.qpn)!.sendOut.size === 1, 1000, 'UD send posted');
     await rig.ok(Cmd.DESTROY_AH, handleBody(ah));
+    rig.engine.resume();
     const sc = await rig.waitCqes(ud.sendCq, 2);
     expect(sc.filter((c) => c.qp_num === ud.qpn).map(brief)).toEqual([{ wr: '0x11', status: 'SUCCESS', qp: ud.qpn }]);
     const rc = sc.filter((c) => c.qp_num === ud2.qpn);

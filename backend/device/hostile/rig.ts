@@ -586,7 +586,7 @@ export class Rig {
         const readGpa = this.ctrlArena.gpa(slot);
         const writeGpa = readGpa + 4096;
         this.ram.bytes(readGpa, it.req.byteLength).set(it.req);
-        this.ram.bytes(writeGpa, 4096).fill(0xcc);
+        this.ram.bytes(writeGpa, Math.min(4096, writable + 64)).fill(0xcc);
         const segs: Segment[] = [];
         let off = 0;
         for (const n of readSegs) {
@@ -610,7 +610,7 @@ export class Rig {
         if (u === null) break;
         const t = u.tag;
         const w = this.ram.bytes(t.writeGpa, 4096);
-        for (let k = u.len; k < Math.max(t.writable, 4096); k++) {
+        for (let k = u.len, end = Math.min(4096, t.writable + 64); k < end; k++) {
           if (w[k] !== 0xcc) throw new Error(`control chain ${t.i}: the device wrote byte ${k} of the writable part beyond used length ${u.len}`);
         }
         const status = u.len >= 8 ? CtrlStatus.decodeBytes(w).status : null;
@@ -741,17 +741,17 @@ export class Rig {
     );
   }
 
-  async toRts(qp: QpInfo, rnrRetry = 3): Promise<void> {
+  async toRts(qp: QpInfo, rnrRetry = 3, timeout = 14, retryCnt = 7): Promise<void> {
     const A = QpAttr;
     const mask = qp.type === QpType.RC ? A.STATE | A.SQ_PSN | A.TIMEOUT | A.RETRY_CNT | A.RNR_RETRY | A.MAX_QP_RD_ATOMIC : A.STATE | A.SQ_PSN;
-    await this.modifyOk(qp.qpn, mask, { qp_state: QpState.RTS, sq_psn: 0x100, timeout: 14, retry_cnt: 7, rnr_retry: rnrRetry, max_rd_atomic: this.limits.maxQpRdAtom });
+    await this.modifyOk(qp.qpn, mask, { qp_state: QpState.RTS, sq_psn: 0x100, timeout, retry_cnt: retryCnt, rnr_retry: rnrRetry, max_rd_atomic: this.limits.maxQpRdAtom });
   }
 
   /** RESET (or anything) -> INIT -> RTR -> RTS, connected to `destQpn`. */
-  async bringUp(qp: QpInfo, destQpn: number, o: { qpAccess?: number; rnrRetry?: number; minRnrTimer?: number } = {}): Promise<void> {
-    await this.toInit(qp, o.qpAccess);
+  async bringUp(qp: QpInfo, destQpn: number, o: { qpAccess?: number; rnrRetry?: number; minRnrTimer?: number; timeout?: number; retryCnt?: number; qkey?: number } = {}): Promise<void> {
+    await this.toInit(qp, o.qpAccess, o.qkey);
     await this.toRtr(qp, destQpn, o.minRnrTimer);
-    await this.toRts(qp, o.rnrRetry);
+    await this.toRts(qp, o.rnrRetry, o.timeout, o.retryCnt);
   }
 
   async queryQp(qpn: number): Promise<{ resp: StructValue<(typeof QueryQpResp)['fields']>; attr: QpAttrsValue } | null> {
@@ -812,7 +812,7 @@ export class Rig {
     return { mrn: r.mrn, lkey: r.lkey, rkey: r.rkey, pdn, access, gpa: at, iova: BigInt(at), length: len };
   }
 
-  async dmaMr(pdn: number, access = Access.LOCAL_WRITE): Promise<MrInfo> {
+  async dmaMr(pdn: number, access: number = Access.LOCAL_WRITE): Promise<MrInfo> {
     const r = await this.ok(Cmd.GET_DMA_MR, enc(GetDmaMrReq, { pdn, access }), MrResp);
     return { mrn: r.mrn, lkey: r.lkey, rkey: r.rkey, pdn, access, gpa: this.ram.gpa, iova: BigInt(this.ram.gpa), length: this.ram.size };
   }

@@ -328,6 +328,7 @@ export class LoopbackEngine implements Engine {
 
   /** Runs `qp`'s SQ until it is empty, blocked or out of budget. Returns the budget left, or null when guest memory is not available. */
   private drive(host: EngineHost, qp: LoopbackQp, budget: number): number | null {
+    let ctx: RequesterContext | null = null;
     for (;;) {
       if (this.qps.get(qp.qpn) !== qp) return budget;
       if (qp.attrs.state === QpState.ERR) {
@@ -344,13 +345,16 @@ export class LoopbackEngine implements Engine {
         this.ready.add(qp);
         return 0;
       }
-      const memory = this.memory(host);
-      if (memory === null) {
-        this.ready.add(qp);
-        return null;
+      if (ctx === null) {
+        const memory = this.memory(host);
+        if (memory === null) {
+          this.ready.add(qp);
+          return null;
+        }
+        ctx = this.requesterContext(host, memory);
       }
       budget--;
-      const step = request(this.requesterContext(host, memory), qp, entry);
+      const step = request(ctx, qp, entry);
       complete(this.completer, qp, entry, step);
     }
   }
@@ -395,11 +399,13 @@ export class LoopbackEngine implements Engine {
     return { destQpn: target.qpn, result, read: (offset, dst, n) => readResponse(memory, target, msg, offset, dst, n) };
   }
 
+  /** True when `gid` is one of this device's GIDs (host.gid() answers null past the end of the table). */
   private isLocalGid(host: EngineHost, gid: Uint8Array): boolean {
     if (isZero(gid)) return false;
     for (let i = 0; i < GID_TABLE_MAX; i++) {
       const g = host.gid(i);
-      if (g !== null && sameGid(g, gid)) return true;
+      if (g === null) return false;
+      if (sameGid(g, gid)) return true;
     }
     return false;
   }

@@ -5,6 +5,7 @@
  * retry counts, and a pending wait as the time it had left. Decoding checks
  * every field, so garbage is refused before anything is replaced.
  */
+import { DeviceError } from '../../../virtio/device.js';
 import { FIRST_QPN, QPN_MASK, QpState, QpType, SendOp, WcStatus } from '../../abi/constants.js';
 import type { AddressVector, QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
 import { LoopbackQp, type RecvEntry, type SendEntry, type Wait } from './qp.js';
@@ -85,7 +86,7 @@ export function encodeState(s: EngineSnapshot, now: number): Uint8Array {
 // ---------------------------------------------------------------------------
 // Decoding
 
-export class EngineStateError extends Error {
+export class EngineStateError extends DeviceError {
   constructor(where: string, what: string) {
     super(`loopback engine state: ${where}: ${what}`);
     this.name = 'EngineStateError';
