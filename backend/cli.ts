@@ -16,6 +16,7 @@ import { RdmaDevice } from './device/rdma-device.js';
 import { LoopbackEngine } from './engines/loopback/loopback-engine.js';
 import { gidFromAddress } from './gid.js';
 import { numQueues } from './abi/constants.js';
+import { DEFAULT_LIMITS, type RdmaLimits } from './device/limits.js';
 
 const DEVICES = ['rdma', 'rng', 'echo'] as const;
 type DeviceName = (typeof DEVICES)[number];
@@ -27,7 +28,9 @@ interface RdmaArgs {
   gids: string[];
   cqSlots: number;
   qpSlots: number;
+  limits: Partial<RdmaLimits>;
 }
+
 
 function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
   switch (name) {
@@ -37,7 +40,7 @@ function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs): { device: Vi
         engine,
         log: log.child('rdma'),
         gids: rdma.gids.map(gidFromAddress),
-        limits: { numCqSlots: rdma.cqSlots, numQpSlots: rdma.qpSlots, maxCq: rdma.cqSlots, maxQp: rdma.qpSlots },
+        limits: { ...rdma.limits, numCqSlots: rdma.cqSlots, numQpSlots: rdma.qpSlots, maxCq: rdma.cqSlots, maxQp: rdma.qpSlots },
       });
       return {
         device: d,
@@ -67,7 +70,15 @@ function qemuArgs(socket: string, qemuDevice: string, memMiB: number): string {
 
 async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number; rdma: RdmaArgs }): Promise<void> {
   const log = new Logger(args.logLevel);
-  const { device, qemuDevice, summary } = makeDevice(args.device, log, args.rdma);
+  let made: ReturnType<typeof makeDevice>;
+  try {
+    made = makeDevice(args.device, log, args.rdma);
+  } catch (err) {
+    if (!(err instanceof RangeError)) throw err;
+    process.stderr.write(`vrdma: ${err.message}\n`);
+    process.exit(2);
+  }
+  const { device, qemuDevice, summary } = made;
   const backend = new VhostUserBackend(device, log.child('vhost-user'));
   const server = new VhostUserServer(args.socket, backend, log.child('server'));
   server.onConnectionEnd = () => {
@@ -107,6 +118,14 @@ await yargs(hideBin(process.argv))
         .option('gid', { type: 'string', array: true, default: ['127.0.0.1'], describe: 'IP address for the GID table (repeat for more; IPv4 becomes ::ffff:a.b.c.d)' })
         .option('cq-slots', { type: 'number', default: 16, describe: 'CQ virtqueues (must match the QEMU device)' })
         .option('qp-slots', { type: 'number', default: 16, describe: 'QP slots, two virtqueues each (must match the QEMU device)' })
+        .option('max-pd', { type: 'number', default: DEFAULT_LIMITS.maxPd, group: 'Device limits:', describe: 'Protection domains' })
+        .option('max-mr', { type: 'number', default: DEFAULT_LIMITS.maxMr, group: 'Device limits:', describe: 'Memory regions' })
+        .option('max-ah', { type: 'number', default: DEFAULT_LIMITS.maxAh, group: 'Device limits:', describe: 'Address handles' })
+        .option('max-cqe', { type: 'number', default: DEFAULT_LIMITS.maxCqe, group: 'Device limits:', describe: 'Entries per CQ' })
+        .option('max-qp-wr', { type: 'number', default: DEFAULT_LIMITS.maxQpWr, group: 'Device limits:', describe: 'Outstanding work requests per queue' })
+        .option('max-sge', { type: 'number', default: DEFAULT_LIMITS.maxSge, group: 'Device limits:', describe: 'SGEs per work request' })
+        .option('max-inline-data', { type: 'number', default: DEFAULT_LIMITS.maxInlineData, group: 'Device limits:', describe: 'Inline bytes per send' })
+        .option('max-qp-rd-atom', { type: 'number', default: DEFAULT_LIMITS.maxQpRdAtom, group: 'Device limits:', describe: 'Outstanding RDMA READ/atomic per QP' })
         .option('log-level', { type: 'string', default: 'info', describe: 'error | warn | info | debug | trace' })
         .option('qemu-mem', { type: 'number', default: 256, describe: 'Guest RAM size (MiB) used in the printed QEMU arguments' })
         .check((a) => {
@@ -119,7 +138,22 @@ await yargs(hideBin(process.argv))
         device: a.device,
         logLevel: a['log-level'] as LogLevel,
         qemuMem: a['qemu-mem'],
-        rdma: { engine: a.engine, gids: a.gid, cqSlots: a['cq-slots'], qpSlots: a['qp-slots'] },
+        rdma: {
+          engine: a.engine,
+          gids: a.gid,
+          cqSlots: a['cq-slots'],
+          qpSlots: a['qp-slots'],
+          limits: {
+            maxPd: a['max-pd'],
+            maxMr: a['max-mr'],
+            maxAh: a['max-ah'],
+            maxCqe: a['max-cqe'],
+            maxQpWr: a['max-qp-wr'],
+            maxSge: a['max-sge'],
+            maxInlineData: a['max-inline-data'],
+            maxQpRdAtom: a['max-qp-rd-atom'],
+          },
+        },
       }),
   )
   .demandCommand(1)

@@ -25,7 +25,6 @@ import {
   sqVq,
 } from '../../abi/constants.js';
 import {
-  AhAttr,
   CreateAhReq,
   CreateCqReq,
   CreateCqResp,
@@ -261,6 +260,23 @@ describe('control chain framing (docs §4)', () => {
     expect(CreateCqResp.decodeBytes(resp).cqe).toBe(4);
   });
 
+  it('checks run in the documented order: header, command known, writable room (before the command runs), request length, then the command', async () => {
+    const b = await base();
+    // Unknown command with no room for any response: EOPNOTSUPP, not E2BIG.
+    await refused(msg(99), Status.EOPNOTSUPP, { writable: 8 });
+    // Known command, writable part short and the handle dead: E2BIG (room is checked before the command runs).
+    await refused(msg(Cmd.QUERY_QP, handleBody(0x999)), Status.E2BIG, { writable: 8 });
+    await refused(msg(Cmd.CREATE_QP, createQpBody(b, { qp_type: 1, pdn: 77 })), Status.E2BIG, { writable: 8 + CreateQpResp.size - 1 });
+    // Writable part short and request short: E2BIG.
+    await refused(msg(Cmd.CREATE_CQ, new Uint8Array(3)), Status.E2BIG, { writable: 9 });
+    // Room enough, request short, handle dead: E2BIG (length before the command's own checks).
+    await refused(msg(Cmd.DESTROY_PD, new Uint8Array([0x99, 0x99, 0x99])), Status.E2BIG);
+    await refused(msg(Cmd.MODIFY_QP, modifyBody(0x999, 0xffff_ffff).subarray(0, 71)), Status.E2BIG);
+    // Reserved fields are ignored.
+    await accepted(Cmd.QUERY_PORT, msg(Cmd.QUERY_PORT, enc(QueryPortReq, { port: 1, reserved: 0xffff_ffff }), 0xdead_beef));
+    await accepted(Cmd.CREATE_CQ, msg(Cmd.CREATE_CQ, enc(CreateCqReq, { cqe: 3, reserved: 1 })));
+  });
+
   it('unknown command numbers are EOPNOTSUPP and change nothing', async () => {
     for (const cmd of [0, 19, 20, 64, 255, 256, 0x1_0001, 0x8000_0000, 0xffff_ffff, 0x8000_0005]) {
       await refused(msg(cmd, new Uint8Array(128)), Status.EOPNOTSUPP);
@@ -271,10 +287,10 @@ describe('control chain framing (docs §4)', () => {
     const items: CtrlItem[] = [];
     for (let i = 0; i < 40; i++) items.push({ req: i % 2 === 0 ? msg(Cmd.CREATE_PD) : msg(Cmd.DESTROY_PD, handleBody(1000 + i)) });
     const res = await rig.ctrlBatch(items);
-    const ok = res.filter((r, i) => i % 2 === 0).map((r) => r.status);
+    const ok = res.filter((_r, i) => i % 2 === 0).map((r) => r.status);
     expect(ok.slice(0, rig.limits.maxPd)).toEqual(new Array(rig.limits.maxPd).fill(Status.OK));
     expect(ok.slice(rig.limits.maxPd)).toEqual(new Array(20 - rig.limits.maxPd).fill(Status.ENOMEM));
-    expect(res.filter((r, i) => i % 2 === 1).every((r) => r.status === Status.ENOENT && r.used === 8)).toBe(true);
+    expect(res.filter((_r, i) => i % 2 === 1).every((r) => r.status === Status.ENOENT && r.used === 8)).toBe(true);
     const pdns = res.filter((r, i) => i % 2 === 0 && r.status === Status.OK).map((r) => CreatePdResp.decodeBytes(r.resp).pdn);
     expect(new Set(pdns).size).toBe(rig.limits.maxPd);
     expect(rig.counts().pds).toBe(rig.limits.maxPd);
@@ -830,7 +846,23 @@ describe('MODIFY_QP, QUERY_QP, DESTROY_QP', () => {
     await badModify(qp.qpn, A.STATE | A.PKEY_INDEX | A.PORT | A.ACCESS_FLAGS, { qp_state: QpState.INIT, port_num: 1 });
     await badModify(qp.qpn, A.STATE | A.AV | A.PATH_MTU | A.DEST_QPN | A.RQ_PSN | A.MAX_DEST_RD_ATOMIC | A.MIN_RNR_TIMER, { qp_state: QpState.RTR, path_mtu: 3 }, {});
     await badModify(qp.qpn, A.STATE, { qp_state: QpState.SQD });
+    // A mask without STATE is RTS -> RTS: only CUR_STATE, ACCESS_FLAGS, MIN_RNR_TIMER are allowed.
+    for (const extra of [A.PATH_MTU, A.PORT, A.PKEY_INDEX, A.QKEY, A.AV, A.DEST_QPN, A.SQ_PSN, A.RQ_PSN, A.TIMEOUT, A.RETRY_CNT, A.RNR_RETRY, A.MAX_QP_RD_ATOMIC, A.MAX_DEST_RD_ATOMIC]) {
+      await badModify(qp.qpn, extra, { path_mtu: 3, port_num: 1 }, extra === A.AV ? {} : null);
+    }
+    await rig.modifyOk(qp.qpn, A.MIN_RNR_TIMER | A.ACCESS_FLAGS, { min_rnr_timer: 5, qp_access_flags: Access.REMOTE_READ });
+    // Any -> RESET and any -> ERR take nothing but CUR_STATE.
+    await badModify(qp.qpn, A.STATE | A.PORT, { qp_state: QpState.ERR, port_num: 1 });
+    await badModify(qp.qpn, A.STATE | A.ACCESS_FLAGS, { qp_state: QpState.RESET });
+    await badModify(qp.qpn, A.STATE | A.CUR_STATE, { qp_state: QpState.ERR, cur_qp_state: QpState.RTR });
     expect(await rig.qpState(qp.qpn)).toBe(QpState.RTS);
+    await rig.modifyOk(qp.qpn, A.STATE | A.CUR_STATE, { qp_state: QpState.ERR, cur_qp_state: QpState.RTS });
+    // ERR -> RTS, ERR -> INIT are not transitions.
+    await badModify(qp.qpn, A.STATE | A.SQ_PSN, { qp_state: QpState.RTS });
+    await badModify(qp.qpn, A.STATE | A.PKEY_INDEX | A.PORT | A.ACCESS_FLAGS, { qp_state: QpState.INIT, port_num: 1 });
+    // A mask without STATE in RESET (RESET -> RESET) takes nothing.
+    await rig.modifyOk(qp.qpn, A.STATE, { qp_state: QpState.RESET });
+    await badModify(qp.qpn, A.PORT, { port_num: 1 });
   });
 
   it('RESET -> INIT: missing or extra attributes and bad values are EINVAL', async () => {
@@ -918,7 +950,6 @@ describe('AH', () => {
     for (const sgid_index of [1, 3, rig.limits.gidTblLen, 0xff]) await refused(body(pdn, { sgid_index }), Status.EINVAL);
     for (let i = 0; i < rig.limits.maxAh; i++) await accepted(Cmd.CREATE_AH, body(pdn));
     await refused(body(pdn), Status.ENOMEM);
-    expect(AhAttr.size).toBe(28);
   });
 
   it('DESTROY_AH with dead handles is ENOENT; twice is ENOENT', async () => {
@@ -954,7 +985,7 @@ describe('CVE-2022-1050 class: protocol-order violations', () => {
     }
   });
 
-  it('commands naming objects that were destroyed are refused: REG_MR/CREATE_QP/CREATE_AH on a dead PD, CREATE_QP on a dead CQ, MODIFY_QP on a dead QP', async () => {
+  it('commands naming objects that were destroyed are refused: REG_MR/GET_DMA_MR/CREATE_AH on a dead PD, CREATE_QP and REQ_NOTIFY_CQ on a dead CQ', async () => {
     const b = await base();
     await rig.ok(Cmd.DESTROY_PD, handleBody(b.pdn));
     await rig.ok(Cmd.DESTROY_CQ, handleBody(b.cq.cqn));
@@ -974,6 +1005,25 @@ describe('CVE-2022-1050 class: protocol-order violations', () => {
     const cq = await rig.createCq(8);
     expect(cq.slot).toBe(0);
   });
+});
+
+// =============================================================================
+
+describe('starvation: one kick of the control queue must not stall the device (docs §9: no hang)', () => {
+  it('100 REG_MRs of 1 GiB, each failing at its last page, do not block the event loop for a second', async () => {
+    const pdn = await rig.createPd();
+    const page = rig.allocBuffer(4096);
+    const l2 = rig.writePageList(new Array<number>(PAGE_LIST_ENTRIES).fill(page));
+    const lastBad = rig.writePageList([...new Array<number>(PAGE_LIST_ENTRIES - 1).fill(page), 0]);
+    const l1 = rig.writePageList([...new Array<number>(PAGE_LIST_ENTRIES - 1).fill(l2), lastBad]);
+    const req = msg(Cmd.REG_MR, enc(RegMrReq, { pdn, access: 0xf, iova: 0n, length: 1n << 30n, page_list: BigInt(l1), npages: MAX_PAGE_LIST_PAGES }));
+    const stalls = rig.watchStalls();
+    const res = await rig.ctrlBatch(new Array(100).fill(0).map(() => ({ req })), 120_000);
+    const maxStall = stalls();
+    expect(res.every((r) => r.status === Status.EFAULT)).toBe(true);
+    expect(rig.counts().mrs).toBe(0);
+    expect({ maxStallMs: Math.round(maxStall), under: maxStall < 1000 }).toMatchObject({ under: true });
+  }, 120_000);
 });
 
 // =============================================================================

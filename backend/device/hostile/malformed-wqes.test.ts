@@ -8,14 +8,13 @@
  * memory around (and in) the target changed.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { Access, Cmd, QpState, QpType, RDMA_PAGE_SIZE, SendFlag, SendOp, Status, WcOpcode, WcStatus, sqVq } from '../../abi/constants.js';
+import { Access, Cmd, MAX_PAGE_LIST_PAGES, PAGE_LIST_ENTRIES, QpState, QpType, RDMA_PAGE_SIZE, SendFlag, SendOp, Status, WcOpcode, WcStatus, sqVq } from '../../abi/constants.js';
 import { CreateQpReq, MrResp, QueryDeviceResp, RegMrReq } from '../../abi/structs.js';
 import {
   QpAttr,
   Rig,
   enc,
   handleBody,
-  msg,
   recvWqe,
   sendWqe,
   type CqeValue,
@@ -127,7 +126,22 @@ interface Attack {
   peerState?: QpState;
   /** A valid WQE posted right after the bad one (default: a 0-byte signalled SEND, or an empty receive). */
   follower?: Uint8Array;
+  /**
+   * The CQE opcode the error must carry (docs §7: what was posted; SEND or RECV for malformed WQEs).
+   * Default: RECV on the RQ; SEND for LOC_QP_OP_ERR / LOC_LEN_ERR; otherwise the posted opcode.
+   */
+  opcode?: WcOpcode;
 }
+
+const POSTED: Record<number, WcOpcode> = {
+  [SendOp.RDMA_WRITE]: WcOpcode.RDMA_WRITE,
+  [SendOp.RDMA_WRITE_WITH_IMM]: WcOpcode.RDMA_WRITE,
+  [SendOp.SEND]: WcOpcode.SEND,
+  [SendOp.SEND_WITH_IMM]: WcOpcode.SEND,
+  [SendOp.RDMA_READ]: WcOpcode.RDMA_READ,
+  [SendOp.ATOMIC_CMP_AND_SWP]: WcOpcode.COMP_SWAP,
+  [SendOp.ATOMIC_FETCH_AND_ADD]: WcOpcode.FETCH_ADD,
+};
 
 /**
  * Posts two receives (to be flushed), then the bad WQE and one valid
@@ -167,7 +181,9 @@ async function attack(a: Attack): Promise<CqeValue[]> {
   const e = errors[0]!;
   expect(allowed.map(st)).toContain(st(e.status));
   expect(e.qp_num).toBe(qp.qpn);
-  expect(e.opcode).toBe(a.onRq ? WcOpcode.RECV : e.opcode);
+  const malformed = e.status === WcStatus.LOC_QP_OP_ERR || e.status === WcStatus.LOC_LEN_ERR;
+  const wantOp = a.opcode ?? (a.onRq ? WcOpcode.RECV : malformed ? WcOpcode.SEND : a.wqe.length > 8 ? POSTED[a.wqe[8]!] : undefined);
+  if (wantOp !== undefined) expect({ opcode: e.opcode }).toEqual({ opcode: wantOp });
   const wrId = a.wrId === undefined ? BAD : a.wrId;
   if (wrId !== null) expect(`0x${e.wr_id.toString(16)}`).toBe(`0x${wrId.toString(16)}`);
   // Everything else this QP held or got afterwards is flushed.
@@ -322,10 +338,10 @@ describe('send WQE format (docs §5, §9)', () => {
     await recover();
     const noInline = await lonelyQp({ maxInline: 0 });
     await attack({ qp: noInline, wqe: sendWqe({ wr_id: BAD, opcode: SendOp.SEND, send_flags: SendFlag.INLINE }, [], new Uint8Array(1)), status: WcStatus.LOC_LEN_ERR });
-    // Valid inline SEND and RDMA WRITE (up to the limit) work.
+    // Valid inline SEND and RDMA WRITE (up to the limit) work; with INLINE, num_sge is ignored.
     const payload = new Uint8Array(max).map((_, i) => i ^ 0x5a);
     rig.postRecv(w.v.b, recvWqe(0x1n, [sge(w.v.mrB, 0, 256)]));
-    rig.postSend(w.v.a, sendWqe({ wr_id: 0x2n, opcode: SendOp.SEND, send_flags: SendFlag.INLINE | SendFlag.SIGNALED }, [], payload));
+    rig.postSend(w.v.a, sendWqe({ wr_id: 0x2n, opcode: SendOp.SEND, send_flags: SendFlag.INLINE | SendFlag.SIGNALED, num_sge: 0xffff }, [], payload));
     rig.postSend(w.v.a, sendWqe({ wr_id: 0x3n, opcode: SendOp.RDMA_WRITE, send_flags: SendFlag.INLINE | SendFlag.SIGNALED, rkey: w.v.mrB.rkey, remote_addr: w.v.mrB.iova + 1024n }, [], payload));
     expect((await rig.waitCqes(w.v.a.sendCq, 2)).map((c) => st(c.status))).toEqual(['SUCCESS', 'SUCCESS']);
     expect((await rig.waitCqes(w.v.b.recvCq, 1))[0]!.byte_len).toBe(max);
@@ -454,7 +470,7 @@ describe('QP state and protocol order (CVE-2022-1050 class)', () => {
     }
   });
 
-  it('receives posted in INIT and RTR are kept and used once the QP runs', async () => {
+  it('receives posted in INIT and RTR are accepted and held without a completion, and come back with used length 0 on DESTROY_QP', async () => {
     const qp = await rig.createQp({ pdn: w.v.pdn, sendCq: w.v.a.sendCq });
     await rig.toInit(qp);
     rig.postRecv(qp, recvWqe(0x1n, [sge(w.v.mrA, 0, 100)]));
@@ -471,8 +487,15 @@ describe('QP state and protocol order (CVE-2022-1050 class)', () => {
   });
 
   it('WQEs on a QP slot with no QP (never created, or destroyed) are returned with used length 0 and complete nothing', async () => {
-    const free = rig.device.resources!.freeQpSlot();
-    expect(free).toBeGreaterThanOrEqual(0);
+    const gone = await rig.createQp({ pdn: w.v.pdn, sendCq: w.v.a.sendCq });
+    await rig.ok(Cmd.DESTROY_QP, handleBody(gone.qpn));
+    await checkSlot(gone.slot);
+    const other = rig.device.resources!.qpSlots.findIndex((q, i) => q < 0 && i !== gone.slot);
+    if (other >= 0) await checkSlot(other);
+  });
+
+  async function checkSlot(free: number): Promise<void> {
+    expect(rig.device.resources!.qpSlots[free]).toBe(-1);
     const g = guard(w.v.mrB.gpa, 256, 5);
     rig.postSend(free, sendWqe({ wr_id: BAD, opcode: SendOp.RDMA_WRITE, send_flags: SendFlag.SIGNALED, rkey: w.v.mrB.rkey, remote_addr: w.v.mrB.iova }, [sge(w.v.mrA)]));
     rig.postRecv(free, recvWqe(BAD, [sge(w.v.mrA)]));
@@ -481,7 +504,7 @@ describe('QP state and protocol order (CVE-2022-1050 class)', () => {
     await rig.settle(5);
     for (let s = 0; s < rig.cqQ.length; s++) expect(rig.takeCqes(s)).toEqual([]);
     expect(g()).toBeNull();
-  });
+  }
 
   it('DESTROY_QP and RESET with outstanding WQEs return them with used length 0 and no completions', async () => {
     for (const how of ['destroy', 'reset'] as const) {
@@ -497,6 +520,25 @@ describe('QP state and protocol order (CVE-2022-1050 class)', () => {
       expect(rig.takeCqes(qp.sendCq)).toEqual([]);
       if (how === 'reset') await rig.ok(Cmd.DESTROY_QP, handleBody(qp.qpn));
     }
+  });
+
+  it('DESTROY_QP, MODIFY_QP to RESET and DESTROY_CQ have returned the chains they release by the time their own control chain comes back', async () => {
+    for (const how of ['destroy', 'reset'] as const) {
+      const qp = await rig.createQp({ pdn: w.v.pdn, sendCq: w.v.a.sendCq });
+      await rig.toInit(qp);
+      for (let i = 0; i < 7; i++) rig.postRecv(qp, recvWqe(BigInt(i), [sge(w.v.mrA)]));
+      await rig.until(() => rig.device.resources!.qps.get(qp.qpn)!.recvOut.size === 7, 1000, 'receives');
+      if (how === 'destroy') await rig.ok(Cmd.DESTROY_QP, handleBody(qp.qpn));
+      else await rig.modifyOk(qp.qpn, QpAttr.STATE, { qp_state: QpState.RESET });
+      // No waiting: the driver may reuse the slot at once.
+      expect({ how, held: rig.held(qp).rq }).toEqual({ how, held: 0 });
+      rig.reapQp(qp);
+      if (how === 'reset') await rig.ok(Cmd.DESTROY_QP, handleBody(qp.qpn));
+    }
+    const cq = await rig.createCq(8);
+    expect(rig.cqQ[cq.slot]!.deviceHolds).toBeGreaterThan(0);
+    await rig.ok(Cmd.DESTROY_CQ, handleBody(cq.cqn));
+    expect(rig.cqQ[cq.slot]!.deviceHolds).toBe(0);
   });
 
   it('a head posted again while the device still holds it is LOC_QP_OP_ERR; the original is flushed and each chain comes back once per post', async () => {
@@ -911,6 +953,74 @@ describe('no forward progress (CVE-2018-20216, the latent pvrdma poison-WQE loop
 
 // =============================================================================
 
+describe('starvation: one guest kick must not stall the device (docs §9: no hang, no effect on another QP)', () => {
+  it('huge RDMA WRITEs on one QP (16 x 1 GiB, MRs of one repeated page) do not block the event loop for a second; the control queue and another QP are served meanwhile', async () => {
+    await restart({ limits: { maxMr: 20 } });
+    const page = rig.allocBuffer(4096);
+    const l2 = rig.writePageList(new Array<number>(PAGE_LIST_ENTRIES).fill(page));
+    const l1 = rig.writePageList(new Array<number>(PAGE_LIST_ENTRIES).fill(l2));
+    const gib = async (): Promise<number> =>
+      (await rig.ok(Cmd.REG_MR, enc(RegMrReq, { pdn: w.v.pdn, access: 0xf, iova: 0n, length: 1n << 30n, page_list: BigInt(l1), npages: MAX_PAGE_LIST_PAGES }), MrResp)).rkey;
+    const src = await gib();
+    const dst = await gib();
+    const n = 16;
+    const stalls = rig.watchStalls();
+    const t0 = performance.now();
+    for (let i = 0; i < n; i++) {
+      rig.postSend(w.v.a, sendWqe({ wr_id: BigInt(i), opcode: SendOp.RDMA_WRITE, send_flags: SendFlag.SIGNALED, rkey: dst, remote_addr: 0n }, [{ addr: 0n, length: 1 << 30, lkey: src }]), { kick: i === n - 1 });
+    }
+    // A control command and a small transfer on the healthy pair, posted right behind them.
+    const ctrl = rig.ok(Cmd.QUERY_DEVICE, new Uint8Array(0)).then(() => performance.now() - t0);
+    const done = await rig.waitCqes(w.v.a.sendCq, n, 120_000);
+    const maxStall = stalls();
+    const ctrlMs = await ctrl;
+    expect(done.map((c) => st(c.status))).toEqual(new Array<string>(n).fill('SUCCESS'));
+    const total = performance.now() - t0;
+    expect({ maxStallMs: Math.round(maxStall), under: maxStall < 1000 }).toMatchObject({ under: true });
+    expect({ controlAnsweredMs: Math.round(ctrlMs), beforeTheWritesFinished: ctrlMs < total / 2 }).toMatchObject({ beforeTheWritesFinished: true });
+  }, 180_000);
+});
+
+describe('CQ backlog after a ring restart', () => {
+  it('a guest that stops posting CQ buffers after its CQ ring restarted with a backlog gets a CQ error event; the backlog never grows past cqe', async () => {
+    await restart({ manualCqSlots: [0] });
+    const slot = w.v.a.sendCq.slot;
+    const cqn = w.v.a.sendCq.cqn;
+    const cqRec = rig.device.resources!.cqs.get(cqn)!;
+    const ring = rig.cqQ[slot]!;
+    for (let i = 0; i < 4; i++) rig.postCqBuffer(slot, 64);
+    // The front-end stops the CQ ring (as for a migration); completions are kept meanwhile.
+    const base = await rig.stopQueue(ring);
+    const wr = (id: number): Uint8Array => sendWqe({ wr_id: BigInt(id), opcode: SendOp.RDMA_WRITE, send_flags: SendFlag.SIGNALED, rkey: w.v.mrB.rkey, remote_addr: w.v.mrB.iova }, [sge(w.v.mrA, 0, 8)]);
+    for (let i = 0; i < 10; i++) rig.postSend(w.v.a, wr(i), { kick: i === 9 });
+    await rig.until(() => rig.held(w.v.a).sq === 0, 2000, 'writes done');
+    rig.reapQp(w.v.a);
+    expect(cqRec.backlog.length).toBe(10);
+    // The ring runs again: three CQEs fit (one buffer stays in reserve), seven wait.
+    await rig.startQueue(ring, base);
+    await rig.settle(10);
+    const first = rig.takeCqes(slot);
+    expect(first.map((c) => c.wr_id)).toEqual([0n, 1n, 2n]);
+    // The guest now posts signalled WRs and no CQ buffers at all.
+    const cqe = w.v.a.sendCq.cqe;
+    let maxBacklog = cqRec.backlog.length;
+    for (let i = 10; i < 10 + cqe + 20; i++) {
+      if ((await rig.qpState(w.v.a.qpn)) !== QpState.RTS) break;
+      rig.postSend(w.v.a, wr(i));
+      await rig.until(() => rig.held(w.v.a).sq === 0, 2000, 'write done');
+      rig.reapQp(w.v.a);
+      maxBacklog = Math.max(maxBacklog, cqRec.backlog.length);
+    }
+    await rig.settle(5);
+    const events = rig.takeCqes(slot).filter((c) => c.opcode === WcOpcode.CQ_ERROR);
+    expect({ maxBacklog, atMostCqe: maxBacklog <= cqe }).toMatchObject({ atMostCqe: true });
+    expect(events.map((c) => [st(c.status), c.qp_num])).toEqual([['GENERAL_ERR', w.v.a.qpn]]);
+    expect(await rig.qpState(w.v.a.qpn)).toBe(QpState.ERR);
+  });
+});
+
+// =============================================================================
+
 describe('CQ buffers and overflow (docs §7)', () => {
   it('CQ buffers that are too small or have a readable part are returned unused; the CQE lands in the next good buffer', async () => {
     await restart({ manualCqSlots: [0] });
@@ -928,6 +1038,16 @@ describe('CQ buffers and overflow (docs §7)', () => {
     expect(rig.cqUnused[slot]).toBe(4);
     expect((await rig.waitCqes(w.v.b.recvCq, 1)).map((c) => c.wr_id)).toEqual([0x1n]);
     await transfer(w.v, 30);
+    // A good buffer may be split across descriptors, down to 1-byte pieces.
+    rig.postCqBuffer(slot, 48, 0, true, [24, 24]);
+    rig.postCqBuffer(slot, 48, 0, true, new Array<number>(48).fill(1));
+    for (let i = 0; i < 2; i++) rig.postCqBuffer(slot, 64);
+    for (const id of [0x5n, 0x6n]) rig.postSend(w.v.a, sendWqe({ wr_id: id, opcode: SendOp.RDMA_WRITE, send_flags: SendFlag.SIGNALED, rkey: w.v.mrB.rkey, remote_addr: w.v.mrB.iova }, [sge(w.v.mrA, 0, 4)]));
+    const c = await rig.waitCqes(w.v.a.sendCq, 2);
+    expect(c.map((x) => [x.wr_id, st(x.status), x.opcode, x.byte_len])).toEqual([
+      [0x5n, 'SUCCESS', WcOpcode.RDMA_WRITE, 4],
+      [0x6n, 'SUCCESS', WcOpcode.RDMA_WRITE, 4],
+    ]);
   });
 
   it('a CQ the driver does not keep stocked overflows into a CQ error event (never a write into an unposted buffer), its QPs go to ERR, later completions are dropped', async () => {
@@ -991,8 +1111,9 @@ describe('the rig itself', () => {
     ]);
     expect(Array.from(rig.ram.bytes(w.v.mrB.gpa + 7, 512))).toEqual(Array.from(src));
     expect(Array.from(rig.ram.bytes(w.v.mrA.gpa + 4096, 512))).toEqual(Array.from(src));
+    // The rig's queue layout is the ABI's (docs §3).
     expect(sqVq(rig.limits.numCqSlots, w.v.a.slot)).toBe(rig.sqQ[w.v.a.slot]!.index);
-    expect(Status.OK).toBe(0);
+    expect(await rig.status(Cmd.DESTROY_QP, handleBody(0))).toBe(Status.ENOENT);
     expect(CreateQpReq.size).toBe(40);
   });
 });

@@ -496,11 +496,12 @@ export class Rig {
     }
   }
 
-  async startQueue(q: RawQueue<unknown>): Promise<void> {
+  /** SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE, as QEMU starts a ring (again, after stopQueue, from `base`). */
+  async startQueue<T>(q: RawQueue<T>, base = 0): Promise<void> {
     const fe = this.fe;
     const index = q.index;
     await fe.send(FrontendReq.SET_VRING_NUM, { kind: 'vringState', index, num: q.size });
-    await fe.send(FrontendReq.SET_VRING_BASE, { kind: 'vringState', index, num: 0 });
+    await fe.send(FrontendReq.SET_VRING_BASE, { kind: 'vringState', index, num: base });
     await fe.send(FrontendReq.SET_VRING_ADDR, {
       kind: 'vringAddr',
       index,
@@ -514,6 +515,33 @@ export class Rig {
     await fe.send(FrontendReq.SET_VRING_CALL, { kind: 'u64', value: BigInt(index) }, [q.callFd]);
     await fe.send(FrontendReq.SET_VRING_ENABLE, { kind: 'vringState', index, num: 1 });
     this.started.add(index);
+  }
+
+  /** GET_VRING_BASE: the ring stops; returns where the back-end stopped. */
+  async stopQueue<T>(q: RawQueue<T>): Promise<number> {
+    this.started.delete(q.index);
+    return this.fe.getVringBase(q.index);
+  }
+
+  /**
+   * Measures how long the event loop is blocked: returns a function that
+   * stops measuring and gives the longest gap between two turns (ms).
+   */
+  watchStalls(): () => number {
+    let last = performance.now();
+    let max = 0;
+    let on = true;
+    const turn = (): void => {
+      const now = performance.now();
+      max = Math.max(max, now - last);
+      last = now;
+      if (on) setImmediate(turn);
+    };
+    setImmediate(turn);
+    return () => {
+      on = false;
+      return Math.max(max, performance.now() - last);
+    };
   }
 
   async stop(): Promise<void> {
@@ -861,7 +889,7 @@ export class Rig {
    * Posts one CQ buffer by hand: `readable` device-readable bytes (a malformed
    * CQ buffer) then `writable` device-writable bytes (at most 64 in all).
    */
-  postCqBuffer(slot: number, writable = 64, readable = 0, kick = true): number {
+  postCqBuffer(slot: number, writable = 64, readable = 0, kick = true, writableSplit?: number[]): number {
     const q = this.cqQ[slot]!;
     const arena = this.cqArenas[slot]!;
     if (readable + writable > 64) throw new RangeError('a CQ buffer slot is 64 bytes');
@@ -871,7 +899,12 @@ export class Rig {
     this.ram.bytes(gpa, 64).fill(0xee);
     const segs: Segment[] = [];
     if (readable > 0) segs.push({ gpa, len: readable, writable: false });
-    if (writable > 0 || segs.length === 0) segs.push({ gpa: gpa + readable, len: writable, writable: true });
+    let off = readable;
+    for (const n of writable > 0 ? splitSizes(writable, writableSplit) : []) {
+      segs.push({ gpa: gpa + off, len: n, writable: true });
+      off += n;
+    }
+    if (segs.length === 0) segs.push({ gpa, len: 0, writable: true });
     const head = q.add(segs, i);
     if (head === null) throw new Error(`CQ slot ${slot}: no descriptors`);
     if (kick) q.kick();

@@ -1,0 +1,40 @@
+/**
+ * `vrdma serve` as a user meets it: help, the QEMU arguments it prints, and
+ * a clear refusal of impossible limits.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { BackendProcess, CLI } from '../support/backend-process.js';
+
+describe('vrdma serve', () => {
+  it('explains its options for a QEMU user', () => {
+    const r = spawnSync(process.execPath, [CLI, 'serve', '--help'], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    for (const word of ['--socket', '--engine', '--gid', '--cq-slots', '--qp-slots', '--max-pd', '--log-level', 'QEMU']) expect(r.stdout).toContain(word);
+  });
+
+  it('prints QEMU arguments that match its slots, for the project device and for stock QEMU', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
+    const b = new BackendProcess(['serve', '--socket', join(dir, 's.sock'), '--cq-slots', '4', '--qp-slots', '8', '--gid', '127.0.0.2']);
+    try {
+      await b.waitFor(/listening on/);
+      expect(b.output).toContain('-device vhost-user-rdma-pci,chardev=vrdma0,cq-slots=4,qp-slots=8');
+      expect(b.output).toContain('virtio-id=42,num_vqs=21,config_size=128');
+      expect(b.output).toContain('memory-backend-memfd');
+    } finally {
+      await b.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses impossible limits with a one-line reason', () => {
+    for (const args of [['--max-pd', '0'], ['--qp-slots', '600'], ['--cq-slots', '4', '--qp-slots', '511']]) {
+      const r = spawnSync(process.execPath, [CLI, 'serve', '--socket', '/tmp/vrdma-never.sock', ...args], { encoding: 'utf8' });
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr).toMatch(/^vrdma: .*limit|virtqueues|numQpSlots/m);
+    }
+  });
+});
