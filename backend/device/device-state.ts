@@ -44,7 +44,7 @@ export function saveDeviceState(res: Resources, engine: Engine): Uint8Array {
       armed: c.armed,
       error: c.error,
       errorEventQpn: c.errorEventPending?.qpn ?? null,
-      backlog: c.backlog.map(cqeToHex),
+      backlog: c.backlog.map((b) => [cqeToHex(b.cqe), b.wake]),
     })),
     qps: [...res.qps.values()].map((q) => ({
       qpn: q.qpn,
@@ -177,9 +177,13 @@ function parse(blob: Uint8Array, limits: RdmaLimits): Parsed {
       armed: int(o.armed, `${w}.armed`, 0, 3),
       error: bool(o.error, `${w}.error`),
       errorEventPending: evQpn === null ? null : { qpn: evQpn },
-      backlog: arr(o.backlog, `${w}.backlog`).map((b, k) => Cqe.decodeBytes(bytes(b, `${w}.backlog[${k}]`, Cqe.size))),
+      backlog: arr(o.backlog, `${w}.backlog`).map((b, k) => {
+        const e = arr(b, `${w}.backlog[${k}]`);
+        return { cqe: Cqe.decodeBytes(bytes(e[0], `${w}.backlog[${k}][0]`, Cqe.size)), wake: bool(e[1], `${w}.backlog[${k}][1]`) };
+      }),
     };
   });
+  for (const c of cqs) if (c.backlog.length > c.cqe) throw new Bad(`cq ${c.cqn}`, `backlog of ${c.backlog.length} exceeds its ${c.cqe} entries`);
   const cqns = new Set(cqs.map((c) => c.cqn));
   if (cqns.size !== cqs.length) throw new Bad('cqs', 'duplicate CQ');
   const qpSlots = new Set<number>();

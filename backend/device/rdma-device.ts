@@ -55,6 +55,8 @@ const SEND_HDR = SendWqe.size;
 const RECV_HDR = RecvWqe.size;
 const SGE_SIZE = SgeStruct.size;
 const MAX_MESSAGE = 0x8000_0000;
+/** Longest stretch of control commands served before yielding to the event loop. */
+const CONTROL_SLICE_MS = 5;
 
 /** Opcodes each QP type may post. */
 const ALLOWED_OPS: Record<QpType, ReadonlySet<number>> = {
@@ -256,9 +258,36 @@ export class RdmaDevice implements VirtioDevice {
   // ---------------------------------------------------------------------------
   // Control queue
 
+  /**
+   * Serves control commands for at most CONTROL_SLICE_MS, then yields to
+   * the event loop and continues, so a ring full of expensive commands
+   * (1 GiB page lists) cannot starve the data path or the socket.
+   */
   private serveControl(): void {
     const q = this.ctx!.queue(CONTROL_VQ);
-    q.drain(this.chain, (c) => this.serveCommand(q, c));
+    const deadline = performance.now() + CONTROL_SLICE_MS;
+    do {
+      while (q.popInto(this.chain)) {
+        this.serveCommand(q, this.chain);
+        if (performance.now() > deadline) {
+          this.scheduleControl();
+          return;
+        }
+      }
+    } while (q.enableNotification());
+  }
+
+  private controlScheduled = false;
+
+  private scheduleControl(): void {
+    if (this.controlScheduled) return;
+    this.controlScheduled = true;
+    setImmediate(() => {
+      this.controlScheduled = false;
+      if (this.ctx === null || !this.ctx.isRunning(CONTROL_VQ)) return;
+      this.serveControl();
+      this.ctx.notify(CONTROL_VQ);
+    });
   }
 
   private serveCommand(q: SplitVirtqueue, c: DescriptorChain): void {
@@ -510,17 +539,22 @@ export class RdmaDevice implements VirtioDevice {
     };
   }
 
-  /** Writes a CQE (or queues it while the ring is stopped); `solicited` marks what wakes a SOLICITED arm. */
+  /**
+   * Writes a CQE, or keeps it while the CQ's ring is stopped (migration,
+   * restart). `solicited` marks what wakes a SOLICITED arm. A completion
+   * due with no room beyond the reserve buffer is an overflow (§7), and so
+   * is a backlog longer than the CQ itself: the backlog is bounded by what
+   * the guest asked for, never by what it does.
+   */
   private writeCqe(cqn: number, cqe: CqeValue, solicited: boolean): void {
     const cq = this.res!.cqs.get(cqn);
     if (cq === undefined || cq.error) return;
-    const vq = cqVq(cq.slot);
-    if (!this.ctx!.isRunning(vq) || cq.backlog.length > 0) {
-      cq.backlog.push(cqe);
-      if (this.ctx!.isRunning(vq)) this.flushCqBuffers(cq);
+    cq.backlog.push({ cqe, wake: solicited || cqe.status !== WcStatus.SUCCESS });
+    if (!this.ctx!.isRunning(cqVq(cq.slot))) {
+      if (cq.backlog.length > cq.cqe) this.overflow(cq, cqe.qp_num);
       return;
     }
-    this.putCqe(cq, cqe, solicited || cqe.status !== WcStatus.SUCCESS);
+    this.flushCqBuffers(cq);
   }
 
   /** Writes one CQE into the next posted buffer; handles overflow and arming. Returns false when it had to stop. */
@@ -590,13 +624,8 @@ export class RdmaDevice implements VirtioDevice {
       return;
     }
     while (cq.backlog.length > 0) {
-      const next = cq.backlog[0]!;
-      if (this.ctx!.queue(cqVq(cq.slot)).pending() <= 1) {
-        // Still no room beyond the reserve: wait for more buffers, unless the driver gave none at all.
-        break;
-      }
-      cq.backlog.shift();
-      if (!this.putCqe(cq, next, next.status !== WcStatus.SUCCESS)) break;
+      const next = cq.backlog.shift()!;
+      if (!this.putCqe(cq, next.cqe, next.wake)) return;
     }
   }
 

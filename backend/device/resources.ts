@@ -11,6 +11,11 @@ import type { MrTable } from './mr-table.js';
 
 export type CqeValue = ReturnType<typeof Cqe.zero>;
 
+export interface BacklogEntry {
+  cqe: CqeValue;
+  wake: boolean;
+}
+
 export interface PdRecord {
   pdn: number;
 }
@@ -25,8 +30,12 @@ export interface CqRecord {
   error: boolean;
   /** The overflow event could not be written yet (no buffer was posted). */
   errorEventPending: { qpn: number } | null;
-  /** CQEs due while the CQ's ring was not running, in order. */
-  backlog: CqeValue[];
+  /**
+   * CQEs due while the CQ's ring was not running, in order, each with
+   * whether it wakes a SOLICITED arm. Never longer than `cqe`: more would
+   * be an overflow whatever the driver does next.
+   */
+  backlog: BacklogEntry[];
 }
 
 export interface OutstandingSend {

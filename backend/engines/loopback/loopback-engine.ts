@@ -28,8 +28,14 @@ import { readResponse, respond } from './responder.js';
 import { decodeState, encodeState, remainingMs } from './state.js';
 import { MAX_TIMER_MS } from './timing.js';
 
-/** WRs one step runs before it yields to the event loop. */
+/**
+ * Work one step does before it yields to the event loop, in units: a WR
+ * costs one unit plus one per MiB it moves, so a step ends after 256 WRs
+ * or about 256 MiB, whichever comes first. A WR that has started runs to
+ * its end (up to 2 GiB; the requester is not resumable mid-message).
+ */
 const STEP_BUDGET = 256;
+const BYTES_PER_UNIT = 1 << 20;
 /** Entries of the GID table the engine looks at. */
 const GID_TABLE_MAX = 256;
 
@@ -341,7 +347,7 @@ export class LoopbackEngine implements Engine {
       }
       const entry = qp.sq.peek();
       if (entry === undefined || qp.wait !== null || qp.attrs.state !== QpState.RTS) return budget;
-      if (budget === 0) {
+      if (budget <= 0) {
         this.ready.add(qp);
         return 0;
       }
@@ -353,7 +359,7 @@ export class LoopbackEngine implements Engine {
         }
         ctx = this.requesterContext(host, memory);
       }
-      budget--;
+      budget -= 1 + Math.floor(entry.wr.length / BYTES_PER_UNIT);
       const step = request(ctx, qp, entry);
       complete(this.completer, qp, entry, step);
     }
