@@ -180,6 +180,23 @@ export enum WcOpcode {
   CQ_ERROR = 255,
 }
 
+/** The completion opcode a send WR of opcode `op` reports (§7). */
+export function sendWcOpcode(op: SendOp): WcOpcode {
+  switch (op) {
+    case SendOp.RDMA_WRITE:
+    case SendOp.RDMA_WRITE_WITH_IMM:
+      return WcOpcode.RDMA_WRITE;
+    case SendOp.RDMA_READ:
+      return WcOpcode.RDMA_READ;
+    case SendOp.ATOMIC_CMP_AND_SWP:
+      return WcOpcode.COMP_SWAP;
+    case SendOp.ATOMIC_FETCH_AND_ADD:
+      return WcOpcode.FETCH_ADD;
+    default:
+      return WcOpcode.SEND;
+  }
+}
+
 /** Completion flags. */
 export const WcFlag = {
   GRH: 1,

@@ -47,7 +47,7 @@ import {
   type StructShape,
   type StructValue,
 } from '../abi/index.js';
-import type { AddressVector, Engine } from '../engine/engine.js';
+import { resetQpAttributes, type AddressVector, type Engine } from '../engine/engine.js';
 import { ControlError, invalid, noent } from './errors.js';
 import type { RdmaLimits } from './limits.js';
 import { applyModify, stateName, type QpAttrRequest } from './qp-rules.js';
@@ -353,7 +353,7 @@ export class ControlPlane {
       recvCqn: r.recv_cqn,
       sqSigAll: r.sq_sig_all === 1,
       caps: { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data },
-      attrs: { state: QpState.RESET, pathMtu: 0, timeout: 0, retryCnt: 0, rnrRetry: 0, minRnrTimer: 0, maxRdAtomic: 0, maxDestRdAtomic: 0, accessFlags: 0, qkey: 0, rqPsn: 0, sqPsn: 0, destQpn: 0, pkeyIndex: 0, av: null },
+      attrs: resetQpAttributes(),
       sendOut: new Map(),
       recvOut: new Map(),
     };

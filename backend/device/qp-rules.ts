@@ -5,7 +5,7 @@
  * it never changes anything itself.
  */
 import { QpAttr, QpState, QpType, ACCESS_ALL, QPN_MASK } from '../abi/constants.js';
-import type { AddressVector, QpAttributes } from '../engine/engine.js';
+import { resetQpAttributes, type AddressVector, type QpAttributes } from '../engine/engine.js';
 import { invalid } from './errors.js';
 
 /** The decoded qp_attr struct (docs §8). */
@@ -70,25 +70,8 @@ function ruleFor(from: QpState, to: QpState): Rule | null {
   return RULES.get(key(from, to)) ?? null;
 }
 
-export function initialAttributes(): QpAttributes {
-  return {
-    state: QpState.RESET,
-    pathMtu: 0,
-    timeout: 0,
-    retryCnt: 0,
-    rnrRetry: 0,
-    minRnrTimer: 0,
-    maxRdAtomic: 0,
-    maxDestRdAtomic: 0,
-    accessFlags: 0,
-    qkey: 0,
-    rqPsn: 0,
-    sqPsn: 0,
-    destQpn: 0,
-    pkeyIndex: 0,
-    av: null,
-  };
-}
+/** Attributes of a new QP (RESET). */
+export const initialAttributes = resetQpAttributes;
 
 export interface ModifyContext {
   type: QpType;

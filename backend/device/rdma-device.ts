@@ -28,6 +28,7 @@ import {
   numQueues,
   rqVq,
   sqVq,
+  sendWcOpcode,
 } from '../abi/constants.js';
 import { Cqe, CtrlHeader, CtrlStatus, DeviceConfig, RecvWqe, SendWqe, Sge as SgeStruct } from '../abi/structs.js';
 import type { Completion, Engine, EngineHost, RecvWr, SendWr, Sge } from '../engine/engine.js';
@@ -65,22 +66,6 @@ const ALLOWED_OPS: Record<QpType, ReadonlySet<number>> = {
   [QpType.UD]: new Set([SendOp.SEND, SendOp.SEND_WITH_IMM]),
 };
 const INLINE_OPS: ReadonlySet<number> = new Set([SendOp.RDMA_WRITE, SendOp.RDMA_WRITE_WITH_IMM, SendOp.SEND, SendOp.SEND_WITH_IMM]);
-
-function sendWcOpcode(op: SendOp): WcOpcode {
-  switch (op) {
-    case SendOp.RDMA_WRITE:
-    case SendOp.RDMA_WRITE_WITH_IMM:
-      return WcOpcode.RDMA_WRITE;
-    case SendOp.RDMA_READ:
-      return WcOpcode.RDMA_READ;
-    case SendOp.ATOMIC_CMP_AND_SWP:
-      return WcOpcode.COMP_SWAP;
-    case SendOp.ATOMIC_FETCH_AND_ADD:
-      return WcOpcode.FETCH_ADD;
-    default:
-      return WcOpcode.SEND;
-  }
-}
 
 /** A WQE that breaks the ABI: error CQE, QP to ERR. */
 class BadWqe extends Error {
@@ -204,8 +189,7 @@ export class RdmaDevice implements VirtioDevice {
     else {
       const rel = index - 1 - this.limits.numCqSlots;
       const slot = rel >> 1;
-      if (rel % 2 === 0) this.serveSq(slot);
-      else this.serveRq(slot);
+      this.serveWorkQueue(slot, rel % 2 === 0 ? 'send' : 'recv');
     }
   }
 
@@ -328,31 +312,18 @@ export class RdmaDevice implements VirtioDevice {
   // ---------------------------------------------------------------------------
   // Send and receive queues
 
-  private serveSq(slot: number): void {
-    const vq = sqVq(this.limits.numCqSlots, slot);
+  /** Hands every WQE on a QP slot's SQ or RQ to postSend / postRecv. */
+  private serveWorkQueue(slot: number, which: 'send' | 'recv'): void {
+    const n = this.limits.numCqSlots;
+    const vq = which === 'send' ? sqVq(n, slot) : rqVq(n, slot);
     const q = this.ctx!.queue(vq);
     const qp = this.res!.qpBySlot(slot);
     q.drain(this.chain, (c) => {
       if (qp === undefined) {
         this.log.warn(`vq ${vq}: WQE on a QP slot with no QP; returned unused`);
         q.pushUsed(c.head, 0);
-        return;
-      }
-      this.postSend(qp, q, c);
-    });
-  }
-
-  private serveRq(slot: number): void {
-    const vq = rqVq(this.limits.numCqSlots, slot);
-    const q = this.ctx!.queue(vq);
-    const qp = this.res!.qpBySlot(slot);
-    q.drain(this.chain, (c) => {
-      if (qp === undefined) {
-        this.log.warn(`vq ${vq}: WQE on a QP slot with no QP; returned unused`);
-        q.pushUsed(c.head, 0);
-        return;
-      }
-      this.postRecv(qp, q, c);
+      } else if (which === 'send') this.postSend(qp, q, c);
+      else this.postRecv(qp, q, c);
     });
   }
 

@@ -7,7 +7,7 @@
  * through {@link MemoryAccess}, which enforces MR keys, bounds, PDs and
  * access rights and keeps the dirty log.
  */
-import type { QpState, QpType, SendOp, WcOpcode, WcStatus } from '../abi/constants.js';
+import { QpState, type QpType, type SendOp, type WcOpcode, type WcStatus } from '../abi/constants.js';
 import type { Logger } from '../../virtio/log.js';
 
 export interface Sge {
@@ -83,6 +83,27 @@ export interface QpAttributes {
   destQpn: number;
   pkeyIndex: number;
   av: AddressVector | null;
+}
+
+/** Attributes of a QP in RESET: what a new QP has and what RESET returns it to. */
+export function resetQpAttributes(): QpAttributes {
+  return {
+    state: QpState.RESET,
+    pathMtu: 0,
+    timeout: 0,
+    retryCnt: 0,
+    rnrRetry: 0,
+    minRnrTimer: 0,
+    maxRdAtomic: 0,
+    maxDestRdAtomic: 0,
+    accessFlags: 0,
+    qkey: 0,
+    rqPsn: 0,
+    sqPsn: 0,
+    destQpn: 0,
+    pkeyIndex: 0,
+    av: null,
+  };
 }
 
 export interface QpConfig {

@@ -4,7 +4,7 @@
  * or fail the QP. It is the only place besides the flush that reports send
  * completions, so completions on one SQ leave in posting order.
  */
-import { SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
+import { SendOp, WcFlag, WcOpcode, WcStatus, sendWcOpcode } from '../../abi/constants.js';
 import type { Completion, EngineHost, SendWr } from '../../engine/engine.js';
 import type { LoopbackQp, SendEntry, WaitKind } from './qp.js';
 import type { RequestStep } from './requester.js';
@@ -22,21 +22,6 @@ export interface CompleterContext {
 /** The RNR retry count that means "retry forever". */
 export const RNR_RETRY_INFINITE = 7;
 
-export function sendWcOpcode(op: SendOp): WcOpcode {
-  switch (op) {
-    case SendOp.RDMA_WRITE:
-    case SendOp.RDMA_WRITE_WITH_IMM:
-      return WcOpcode.RDMA_WRITE;
-    case SendOp.RDMA_READ:
-      return WcOpcode.RDMA_READ;
-    case SendOp.ATOMIC_CMP_AND_SWP:
-      return WcOpcode.COMP_SWAP;
-    case SendOp.ATOMIC_FETCH_AND_ADD:
-      return WcOpcode.FETCH_ADD;
-    default:
-      return WcOpcode.SEND;
-  }
-}
 
 export function sendCompletion(wr: SendWr, status: WcStatus, byteLen: number): Completion {
   const ok = status === WcStatus.SUCCESS;

@@ -4,7 +4,7 @@
  * the device's tokens), and the retry state of the send WR at the head.
  */
 import { QpState, type QpType, type WcStatus } from '../../abi/constants.js';
-import type { QpAttributes, RecvWr, SendWr } from '../../engine/engine.js';
+import { resetQpAttributes, type QpAttributes, type RecvWr, type SendWr } from '../../engine/engine.js';
 import { Fifo } from './fifo.js';
 
 export interface SendEntry {
@@ -32,25 +32,7 @@ export interface Wait {
   timer: NodeJS.Timeout | null;
 }
 
-export function initialAttrs(): QpAttributes {
-  return {
-    state: QpState.RESET,
-    pathMtu: 0,
-    timeout: 0,
-    retryCnt: 0,
-    rnrRetry: 0,
-    minRnrTimer: 0,
-    maxRdAtomic: 0,
-    maxDestRdAtomic: 0,
-    accessFlags: 0,
-    qkey: 0,
-    rqPsn: 0,
-    sqPsn: 0,
-    destQpn: 0,
-    pkeyIndex: 0,
-    av: null,
-  };
-}
+export const initialAttrs = resetQpAttributes;
 
 export function copyAttrs(a: QpAttributes): QpAttributes {
   return { ...a, av: a.av === null ? null : { ...a.av, dgid: a.av.dgid.slice() } };
