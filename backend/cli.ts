@@ -8,6 +8,7 @@ import { hideBin } from 'yargs/helpers';
 import { Logger, isLogLevel, type LogLevel } from '../virtio/log.js';
 import { native } from '../virtio/sys/native.js';
 import { VhostUserBackend } from '../virtio/vhost-user/backend.js';
+import { ProtocolFeature } from '../virtio/vhost-user/protocol.js';
 import { VhostUserServer } from '../virtio/vhost-user/server.js';
 import { RngDevice } from '../virtio/examples/rng-device.js';
 import { EchoDevice } from '../virtio/examples/echo-device.js';
@@ -68,7 +69,7 @@ function qemuArgs(socket: string, qemuDevice: string, memMiB: number): string {
   ].join(' \\\n  ');
 }
 
-async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number; rdma: RdmaArgs }): Promise<void> {
+async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number; rdma: RdmaArgs; deviceState: boolean }): Promise<void> {
   const log = new Logger(args.logLevel);
   let made: ReturnType<typeof makeDevice>;
   try {
@@ -79,7 +80,9 @@ async function serve(args: { socket: string; device: DeviceName; logLevel: LogLe
     process.exit(2);
   }
   const { device, qemuDevice, summary } = made;
-  const backend = new VhostUserBackend(device, log.child('vhost-user'));
+  const backend = new VhostUserBackend(device, log.child('vhost-user'), {
+    withheldProtocolFeatures: args.deviceState ? [] : [ProtocolFeature.DEVICE_STATE],
+  });
   const server = new VhostUserServer(args.socket, backend, log.child('server'));
   server.onConnectionEnd = () => {
     const m = native.mappingStats();
@@ -127,6 +130,7 @@ await yargs(hideBin(process.argv))
         .option('max-inline-data', { type: 'number', default: DEFAULT_LIMITS.maxInlineData, group: 'Device limits:', describe: 'Inline bytes per send' })
         .option('max-qp-rd-atom', { type: 'number', default: DEFAULT_LIMITS.maxQpRdAtom, group: 'Device limits:', describe: 'Outstanding RDMA READ/atomic per QP' })
         .option('log-level', { type: 'string', default: 'info', describe: 'error | warn | info | debug | trace' })
+        .option('device-state', { type: 'boolean', default: true, describe: 'Offer VHOST_USER_PROTOCOL_F_DEVICE_STATE (migration); --no-device-state plays a back-end without it' })
         .option('qemu-mem', { type: 'number', default: 256, describe: 'Guest RAM size (MiB) used in the printed QEMU arguments' })
         .check((a) => {
           if (!isLogLevel(a['log-level'])) throw new Error(`unknown log level ${a['log-level']}`);
@@ -138,6 +142,7 @@ await yargs(hideBin(process.argv))
         device: a.device,
         logLevel: a['log-level'] as LogLevel,
         qemuMem: a['qemu-mem'],
+        deviceState: a['device-state'],
         rdma: {
           engine: a.engine,
           gids: a.gid,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything vrdma needs on a fresh Debian 12 machine, idempotent and cached:
-# Debian packages, npm dependencies, the native addon, the TypeScript build
-# and the test guest image. A warm run takes a few seconds.
+# Debian packages, npm dependencies, the native addon, the TypeScript build,
+# the test guest image and QEMU with the project's vhost-user-rdma-pci
+# device. A warm run takes a few seconds; a cold one about 8 minutes.
 #
 #   bash scripts/setup.sh          (what `npm start` and `npm test` run first)
 #
@@ -50,7 +51,10 @@ fi
 step "compiling TypeScript"
 npx --no-install tsc -p tsconfig.json
 
-# --- guest image for the VM tests ------------------------------------------
+# --- guest image for the VM tests (kernel, initramfs, probe module) ---------
 bash images/guest/build.sh
+
+# --- QEMU 10.0 with vhost-user-rdma-pci (about 6 minutes the first time) -----
+bash images/qemu/build.sh >/dev/null
 
 step "ready"

@@ -8,6 +8,7 @@ import type { DeviceContext, VirtioDevice } from '../../virtio/device.js';
 import { DeviceError } from '../../virtio/device.js';
 import type { Logger } from '../../virtio/log.js';
 import { DescriptorChain } from '../../virtio/queue/descriptor-chain.js';
+import { GuestMemory } from '../../virtio/memory/guest-memory.js';
 import type { SplitVirtqueue } from '../../virtio/queue/split-queue.js';
 import { VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit } from '../../virtio/vhost-user/protocol.js';
 import {
@@ -212,8 +213,9 @@ export class RdmaDevice implements VirtioDevice {
   }
 
   saveState(): Uint8Array {
-    if (this.res === null) throw new DeviceError('no device state before the driver started');
-    return saveDeviceState(this.res, this.engine);
+    // Before a driver started there are no objects: an empty table set migrates an idle VM.
+    const res = this.res ?? new Resources(this.limits, new MrTable(this.limits.maxMr, new GuestMemory(1), this.limits.maxMrSize));
+    return saveDeviceState(res, this.engine);
   }
 
   loadState(state: Uint8Array): void {

@@ -169,7 +169,8 @@ fi
 KEY="inputs=$inputs_hash
 kernel=$KPKG=$KVER
 busybox=busybox-static=$BBVER
-initrd_compress=$INITRD_COMPRESS"
+initrd_compress=$INITRD_COMPRESS
+probe=$(bash "$HERE/probe.sh" --key)"
 
 if [ "$FORCE" = 0 ] && cache_complete && [ "$(cat "$OUT/stamp")" = "$KEY" ]; then
 	step "up to date: $OUT ($KPKG $KVER)"
@@ -276,6 +277,11 @@ if grep -q '^CONFIG_PVH=y' "$KCONFIG" 2>/dev/null; then
 else
 	warn "kernel has no CONFIG_PVH; QEMU cannot boot its vmlinux directly, booting the bzImage"
 fi
+
+# out-of-tree virtio-rdma probe (probe.sh: built against this release's
+# headers, cached); placed into the unpacked tree so modules.txt can name it
+PROBE_KO=$(bash "$HERE/probe.sh" --release "$REL" --kernel-version "$KVER") || die "building the virtio-rdma probe module failed (images/guest/probe.sh)"
+install -D -m 0644 "$PROBE_KO" "$KROOT/lib/modules/$REL/extra/virtio_rdma_probe.ko"
 
 # ---------------------------------------------------------------- modules
 step "resolving modules for $REL (depmod -b, modprobe --show-depends)"

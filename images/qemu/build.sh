@@ -182,9 +182,15 @@ papt_update() {
 		warn "apt-get update of $SRC_SUITES reported errors (see $APTDIR/update.log)"
 }
 papt_have_lists() { compgen -G "$APTDIR/lists/*Sources*" >/dev/null; }
+papt_need_lists() {
+	papt_have_lists || papt_update
+	papt_have_lists ||
+		die "cannot get the package lists of $SRC_SUITES from $MIRROR: $(grep -m2 -E '^(E|Err|W):' "$APTDIR/update.log" | tr '\n' ' ')(see $APTDIR/update.log)"
+}
 
 WORK="$QDIR/work"
 TMPD=$(mktemp -d "$QDIR/tmp.XXXXXX")
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() { rm -rf "$TMPD"; }
 trap cleanup EXIT
 
@@ -196,7 +202,7 @@ src_complete() {
 if [ -n "$SRC_VERSION" ] && src_complete; then
 	step "source package cached: qemu $SRC_VERSION"
 else
-	papt_have_lists || papt_update
+	papt_need_lists
 	available() {
 		apt-cache "${PAPT[@]}" showsrc qemu 2>/dev/null | awk '/^Package: / { p = $2 } /^Version: / && p == "qemu" { print $2 }' | sort -u
 	}
@@ -260,7 +266,7 @@ meson_ok() { # TOOLS_DIR
 }
 TOOLS="$QDIR/tools"
 if ! meson_ok "$TOOLS"; then
-	papt_have_lists || papt_update
+	papt_need_lists
 	got=""
 	for suite in "${MESON_SUITES[@]}"; do
 		step "downloading meson from $suite"
@@ -297,7 +303,6 @@ step "applying $(basename "$PATCH")"
 
 # ---------------------------------------------------------------- configure
 step "configuring (meson $MESON_VERSION, x86_64-softmmu only)"
-PREFIX_TMP="$TMPD/install"
 mkdir -p "$WORK/build"
 (cd "$WORK/build" && ../qemu/configure \
 	--python=/usr/bin/python3 \

@@ -169,6 +169,8 @@ export interface RunningGuest {
   readonly tempDir: string;
   /** Serial console so far. */
   readonly console: string;
+  /** QEMU's stderr so far (its error_report messages). */
+  readonly stderr: string;
   /** Resolves with the first match of `re` on the serial console (including what was already printed). */
   waitForOutput(re: RegExp, timeoutMs?: number): Promise<RegExpExecArray>;
   /** Send a signal to QEMU (default SIGTERM). */
@@ -641,6 +643,9 @@ export function startGuest(opts: GuestOptions): RunningGuest {
     tempDir,
     get console(): string {
       return consoleText;
+    },
+    get stderr(): string {
+      return stderrText;
     },
     waitForOutput(re: RegExp, waitMs = timeoutMs): Promise<RegExpExecArray> {
       return new Promise<RegExpExecArray>((resolve, reject) => {
