@@ -205,10 +205,9 @@ export function parseFrame(buf: Uint8Array, out: FrameInfo, off = 0, len = buf.l
     ip += VLAN_TAG;
   }
   if (type !== ETHERTYPE_IPV4 && type !== ETHERTYPE_IPV6) return 'not_ip';
-  const st = parseDatagram(buf, out, ip, off + len - ip, port);
-  if (st !== 'ok') return st;
-  if ((out.family === 4) !== (type === ETHERTYPE_IPV4)) return 'bad_ip_version';
-  return 'ok';
+  if (ip >= off + len) return 'truncated_ip';
+  if (buf[ip]! >>> 4 !== (type === ETHERTYPE_IPV4 ? 4 : 6)) return 'bad_ip_version';
+  return parseDatagram(buf, out, ip, off + len - ip, port);
 }
 
 /** Parses an IP datagram (IPv4 or IPv6, by its version nibble) carrying RoCEv2 in `buf[off, off+len)`. `out` is written only on 'ok'. */

@@ -1,7 +1,7 @@
 import { crc32 as zlibCrc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import { crc32, crc32Update, crc32UpdateBytewise } from './crc32.js';
-import { ETH_HEADER, headersLength, writeFrame } from './frame.js';
+import { ETH_HEADER, type RoceFlow, headersLength, writeFrame } from './frame.js';
 import { ICRC_SEED, checkIcrc, icrc, icrcOfDatagram, readIcrc, sealIcrc, writeIcrc } from './icrc.js';
 import { Opcode, SUPPORTED_OPCODES } from './opcodes.js';
 import { RocePacket, encodePacket } from './packet.js';
@@ -158,7 +158,7 @@ describe('ICRC', () => {
     for (let i = 0; i < 20 + 8 + len; i++) {
       if (masked.has(i)) continue;
       const f = frame.slice();
-      f[ETH_HEADER + i] ^= 0x01;
+      f[ETH_HEADER + i] = f[ETH_HEADER + i]! ^ 0x01;
       expect(icrcOfDatagram(f, ETH_HEADER, len), `IP datagram byte ${i}`).not.toBe(base);
     }
   });
@@ -174,7 +174,7 @@ describe('ICRC', () => {
       expect(icrcOfDatagram(f, ETH_HEADER, len), `IPv6 byte ${at}`).toBe(base);
     }
     const f = frame.slice();
-    f[ETH_HEADER + 4] ^= 0x01; // payload length is covered
+    f[ETH_HEADER + 4] = f[ETH_HEADER + 4]! ^ 0x01; // payload length is covered
     expect(icrcOfDatagram(f, ETH_HEADER, len)).not.toBe(base);
   });
 
@@ -187,7 +187,8 @@ describe('ICRC', () => {
     expect(icrc({ ...FLOW_V4, ipId: 1 }, roce, 0, roce.length - 4)).not.toBe(icrc(FLOW_V4, roce, 0, roce.length - 4));
     expect(icrc({ ...FLOW_V4, ipFlagsFragment: 0 }, roce, 0, roce.length - 4)).not.toBe(icrc(FLOW_V4, roce, 0, roce.length - 4));
     expect(icrc({ ...FLOW_V4, sport: 0xc001 }, roce, 0, roce.length - 4)).not.toBe(icrc(FLOW_V4, roce, 0, roce.length - 4));
-    expect(icrc({ ...FLOW_V4, trafficClass: 0xb8, hopLimit: 1 }, roce, 0, roce.length - 4)).toBe(icrc(FLOW_V4, roce, 0, roce.length - 4));
+    const otherClassAndTtl: RoceFlow = { ...FLOW_V4, trafficClass: 0xb8, hopLimit: 1 };
+    expect(icrc(otherClassAndTtl, roce, 0, roce.length - 4)).toBe(icrc(FLOW_V4, roce, 0, roce.length - 4));
   });
 
   it('is stored little-endian and checkIcrc catches every single-bit error in the packet', () => {
@@ -198,7 +199,7 @@ describe('ICRC', () => {
     expect(checkIcrc(FLOW_V4, roce, 0, roce.length)).toBe(true);
     for (let bit = 0; bit < roce.length * 8; bit++) {
       const f = roce.slice();
-      f[bit >>> 3] ^= 1 << (bit & 7);
+      f[bit >>> 3] = f[bit >>> 3]! ^ (1 << (bit & 7));
       const bth4 = (bit >>> 3) === 4; // FECN, BECN and reserved are masked: flipping them must not matter
       expect(checkIcrc(FLOW_V4, f, 0, f.length), `bit ${bit}`).toBe(bth4);
     }

@@ -22,6 +22,7 @@ import {
   syndromeKind,
   syndromeValue,
 } from './headers.js';
+import { headersLength } from './frame.js';
 import { checkIcrc } from './icrc.js';
 import { Hdr, OPCODES, Opcode, PayloadRule, SUPPORTED_OPCODES, Transport, opcodeName } from './opcodes.js';
 import { type DecodeStatus, MAX_MTU, RocePacket, decodePacket, encodePacket, packetLength, padFor } from './packet.js';
@@ -208,6 +209,19 @@ describe('opcode table', () => {
     }
     expect(OPCODES[Opcode.UD_SEND_ONLY]!.transport).toBe(Transport.UD);
     expect(opcodeName(0x15)).toBe('0x15');
+  });
+});
+
+describe('packets: sizes', () => {
+  it('at path MTU 1024 the largest IPv4 frame is RDMA WRITE_ONLY_WITH_IMMEDIATE, 1102 bytes (WRITE_FIRST/ONLY are 1098)', () => {
+    const frame = (op: number) => headersLength(4) + packetLength(op, allowedPayload(op, 1024));
+    expect(frame(Opcode.RC_RDMA_WRITE_FIRST)).toBe(1098);
+    expect(frame(Opcode.RC_RDMA_WRITE_ONLY)).toBe(1098);
+    const largest = Math.max(...SUPPORTED_OPCODES.map(frame));
+    expect(largest).toBe(1102);
+    expect(SUPPORTED_OPCODES.filter((op) => frame(op) === largest).map(opcodeName)).toEqual(['RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE', 'UC_RDMA_WRITE_ONLY_WITH_IMMEDIATE']);
+    // 4096-byte payloads fit a 9000-byte netdev MTU; IPv6 adds 20 bytes.
+    expect(headersLength(6) + packetLength(Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE, 4096) - 14).toBeLessThanOrEqual(9000);
   });
 });
 

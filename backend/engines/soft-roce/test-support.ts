@@ -3,6 +3,7 @@
  * opcode with distinctive values in every field (high bits set, so sign
  * and width mistakes show).
  */
+import { spawnSync } from 'node:child_process';
 import { IPV4_DF, ROCE_UDP_PORT } from './icrc.js';
 import type { EthernetAddresses, RoceFlow } from './frame.js';
 import { OPCODES, PayloadRule, SUPPORTED_OPCODES } from './opcodes.js';
@@ -92,3 +93,38 @@ export function samplePacket(opcode: number, payloadLength: number, seed = 1): R
 }
 
 export { SUPPORTED_OPCODES };
+
+// --- external tools (interop tests) ---------------------------------------------
+
+/** Whether `cmd args…` runs and exits 0. */
+export function commandWorks(cmd: string, args: readonly string[]): boolean {
+  const r = spawnSync(cmd, args, { stdio: 'ignore', timeout: 30_000 });
+  return r.status === 0;
+}
+
+let tsharkPresent: boolean | null = null;
+export function hasTshark(): boolean {
+  tsharkPresent ??= commandWorks('tshark', ['--version']);
+  return tsharkPresent;
+}
+
+/**
+ * Dissectors tshark tries on InfiniBand payloads (`tshark -G
+ * heuristic-decodes`, table infiniband.payload); turned off so random SEND
+ * payloads stay plain data instead of "malformed RPC-over-RDMA" or an
+ * Ethernet frame carried over IB.
+ */
+export const TSHARK_PAYLOAD_DISSECTORS = ['smc', 'smb_direct', 'rpcordma', 'nvme-rdma', 'lnet', 'iser', 'infiniband_sdp', 'fcoib', 'drbd'] as const;
+/** The two payload heuristics that belong to protocols we cannot turn off (ethertype, infiniband). */
+export const TSHARK_PAYLOAD_HEURISTICS = ['eth_over_ib', 'mellanox_eoib'] as const;
+
+export function tsharkArgs(file: string, ...extra: string[]): string[] {
+  return ['-r', file, ...TSHARK_PAYLOAD_DISSECTORS.flatMap((p) => ['--disable-protocol', p]), ...TSHARK_PAYLOAD_HEURISTICS.flatMap((h) => ['--disable-heuristic', h]), ...extra];
+}
+
+/** Runs tshark; throws with its stderr when it fails. */
+export function runTshark(args: readonly string[]): string {
+  const r = spawnSync('tshark', args, { encoding: 'utf8', maxBuffer: 256 << 20, timeout: 120_000 });
+  if (r.status !== 0) throw new Error(`tshark ${args.join(' ')} failed (${r.status ?? r.signal}): ${r.stderr}`);
+  return r.stdout;
+}
