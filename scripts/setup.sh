@@ -17,7 +17,8 @@ step() { printf '[setup] %s\n' "$*" >&2; }
 # qemu-system-x86: Debian's QEMU 7.2 for the VM tests (vhost-user-rng-pci).
 # cpio, kmod, xz-utils, zstd: the guest image build (it fetches its own busybox).
 # g++, make, python3: node-gyp.
-DEBS=(qemu-system-x86 cpio kmod xz-utils zstd g++ make python3)
+# tshark, python3-scapy, gcc, zlib1g-dev: independent checks of the RoCEv2 codec and ICRC.
+DEBS=(qemu-system-x86 cpio kmod xz-utils zstd g++ make python3 tshark python3-scapy gcc zlib1g-dev)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
