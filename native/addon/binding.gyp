@@ -8,7 +8,8 @@
         "src/fd_watcher.cc",
         "src/js.cc",
         "src/memory.cc",
-        "src/sockets.cc"
+        "src/sockets.cc",
+        "src/udp.cc"
       ],
       # Node's defaults add -Wno-unused-parameter and -fno-exceptions; the
       # addon wants the warning, and uses one exception type internally

@@ -88,6 +88,32 @@ export interface NativeAddon {
   eventfdWrite(fd: number, value: number): void;
 
   FdWatcher: FdWatcherConstructor;
+
+  // UDP datagrams (the soft-RoCE engine's transport; see
+  // backend/engines/soft-roce/udp-transport.ts for the record layout).
+  /**
+   * A non-blocking, O_CLOEXEC UDP socket bound to an IPv4 or IPv6 literal
+   * (`fe80::1%eth0` takes a scope); port 0 picks one. SO_REUSEADDR off,
+   * 8 MiB socket buffers asked for, IPv4 always DF (so IP ID 0, as rxe
+   * sends), IPv6 only with zero-checksum receive allowed.
+   */
+  udpBind(address: string, port: number): number;
+  /** Bound address and the socket buffer sizes the kernel actually gave (SO_RCVBUF/SO_SNDBUF). */
+  udpInfo(fd: number): { family: 4 | 6; address: string; port: number; rcvbuf: number; sndbuf: number };
+  /**
+   * One recvmmsg: up to `maxPackets` (<= 1024) datagrams, datagram i into
+   * `buf` at `i * slotSize`, its 8-word record into `meta` at `i * 8`
+   * (full length, flags: 1 truncated / 2 IPv6, port, scope id, address
+   * words). Returns the count; 0 when nothing is waiting (EAGAIN).
+   */
+  udpRecvBatch(fd: number, buf: Uint8Array, slotSize: number, maxPackets: number, meta: Uint32Array): number;
+  /**
+   * One sendmmsg of datagrams `first .. first + count - 1` (count <= 1024):
+   * datagram i is `meta[i * 8]` bytes of `buf` at `offsets[i]`, to the
+   * address in its record. Returns how many went (partial is normal; 0 on
+   * EAGAIN). Throws when the first of them fails (e.g. EMSGSIZE).
+   */
+  udpSendBatch(fd: number, buf: Uint8Array, offsets: Uint32Array, meta: Uint32Array, first: number, count: number): number;
 }
 
 /** An errno-carrying failure from the native layer. */
