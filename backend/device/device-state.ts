@@ -8,7 +8,8 @@
 import { DeviceError } from '../../virtio/device.js';
 import { QpState, QpType } from '../abi/constants.js';
 import { Cqe } from '../abi/structs.js';
-import type { AddressVector, Engine, QpAttributes } from '../engine/engine.js';
+import type { AddressVector, Engine } from '../engine/engine.js';
+import { avToJson, hexOf, plainReader, qpAttributesToJson, type Json } from '../engine/plain-data.js';
 import type { RdmaLimits } from './limits.js';
 import { MrTable } from './mr-table.js';
 import { GuestMemory } from '../../virtio/memory/guest-memory.js';
@@ -17,16 +18,8 @@ import type { CqRecord, CqeValue, QpRecord, Resources } from './resources.js';
 const FORMAT = 'vrdma-device-state';
 const VERSION = 1;
 
-type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
-
-const hex = (b: Uint8Array): string => Buffer.from(b).toString('hex');
-
-function avToJson(av: AddressVector | null): Json {
-  return av === null ? null : { dgid: hex(av.dgid), sgidIndex: av.sgidIndex, hopLimit: av.hopLimit, trafficClass: av.trafficClass, flowLabel: av.flowLabel, sl: av.sl };
-}
-
 function cqeToHex(c: CqeValue): string {
-  return hex(Cqe.encodeBytes(c));
+  return hexOf(Cqe.encodeBytes(c));
 }
 
 export function saveDeviceState(res: Resources, engine: Engine): Uint8Array {
@@ -55,7 +48,7 @@ export function saveDeviceState(res: Resources, engine: Engine): Uint8Array {
       recvCqn: q.recvCqn,
       sqSigAll: q.sqSigAll,
       caps: { ...q.caps },
-      attrs: { ...q.attrs, av: avToJson(q.attrs.av) } as unknown as Json,
+      attrs: qpAttributesToJson(q.attrs),
       sendOut: [...q.sendOut].map(([head, o]) => [head, o.wrId.toString(), o.signaled]),
       recvOut: [...q.recvOut].map(([head, wrId]) => [head, wrId.toString()]),
     })),
@@ -75,65 +68,7 @@ class Bad extends DeviceError {
   }
 }
 
-function obj(x: unknown, where: string): Record<string, unknown> {
-  if (typeof x !== 'object' || x === null || Array.isArray(x)) throw new Bad(where, 'not an object');
-  return x as Record<string, unknown>;
-}
-function arr(x: unknown, where: string): unknown[] {
-  if (!Array.isArray(x)) throw new Bad(where, 'not an array');
-  return x;
-}
-function int(x: unknown, where: string, min: number, max: number): number {
-  if (typeof x !== 'number' || !Number.isInteger(x) || x < min || x > max) throw new Bad(where, `${String(x)} is not an integer in ${min}..${max}`);
-  return x;
-}
-function bool(x: unknown, where: string): boolean {
-  if (typeof x !== 'boolean') throw new Bad(where, 'not a boolean');
-  return x;
-}
-function u64(x: unknown, where: string): bigint {
-  if (typeof x !== 'string' || !/^\d{1,20}$/.test(x)) throw new Bad(where, 'not a u64 decimal string');
-  const v = BigInt(x);
-  if (v >= 1n << 64n) throw new Bad(where, 'exceeds 64 bits');
-  return v;
-}
-function bytes(x: unknown, where: string, len: number): Uint8Array {
-  if (typeof x !== 'string' || x.length !== len * 2 || !/^[0-9a-f]*$/.test(x)) throw new Bad(where, `not ${len} bytes of hex`);
-  return new Uint8Array(Buffer.from(x, 'hex'));
-}
-function av(x: unknown, where: string): AddressVector | null {
-  if (x === null) return null;
-  const o = obj(x, where);
-  return {
-    dgid: bytes(o.dgid, `${where}.dgid`, 16),
-    sgidIndex: int(o.sgidIndex, `${where}.sgidIndex`, 0, 255),
-    hopLimit: int(o.hopLimit, `${where}.hopLimit`, 0, 255),
-    trafficClass: int(o.trafficClass, `${where}.trafficClass`, 0, 255),
-    flowLabel: int(o.flowLabel, `${where}.flowLabel`, 0, 0xfffff),
-    sl: int(o.sl, `${where}.sl`, 0, 15),
-  };
-}
-function attrs(x: unknown, where: string, maxRdAtom: number): QpAttributes {
-  const o = obj(x, where);
-  const u8 = (k: string, max: number): number => int(o[k], `${where}.${k}`, 0, max);
-  return {
-    state: u8('state', QpState.ERR),
-    pathMtu: u8('pathMtu', 5),
-    timeout: u8('timeout', 31),
-    retryCnt: u8('retryCnt', 7),
-    rnrRetry: u8('rnrRetry', 7),
-    minRnrTimer: u8('minRnrTimer', 31),
-    maxRdAtomic: u8('maxRdAtomic', maxRdAtom),
-    maxDestRdAtomic: u8('maxDestRdAtomic', maxRdAtom),
-    accessFlags: u8('accessFlags', 0xf),
-    qkey: int(o.qkey, `${where}.qkey`, 0, 0xffffffff),
-    rqPsn: u8('rqPsn', 0xffffff),
-    sqPsn: u8('sqPsn', 0xffffff),
-    destQpn: u8('destQpn', 0xffffff),
-    pkeyIndex: u8('pkeyIndex', 0),
-    av: av(o.av, `${where}.av`),
-  };
-}
+const { obj, arr, int, bool, u64, bytes, av: readAv, qpAttributes } = plainReader((where, what) => new Bad(where, what));
 
 interface Parsed {
   pds: number[];
@@ -231,7 +166,7 @@ function parse(blob: Uint8Array, limits: RdmaLimits): Parsed {
       recvCqn,
       sqSigAll: bool(o.sqSigAll, `${w}.sqSigAll`),
       caps,
-      attrs: attrs(o.attrs, `${w}.attrs`, limits.maxQpRdAtom),
+      attrs: qpAttributes(o.attrs, `${w}.attrs`, { maxRdAtomic: limits.maxQpRdAtom, maxPkeyIndex: 0 }),
       sendOut,
       recvOut,
     };
@@ -242,7 +177,7 @@ function parse(blob: Uint8Array, limits: RdmaLimits): Parsed {
     const o = obj(x, `ahs[${i}]`);
     const pdn = int(o.pdn, `ahs[${i}].pdn`, 1, limits.maxPd);
     if (!pdSet.has(pdn)) throw new Bad(`ahs[${i}]`, `PD ${pdn} does not exist`);
-    const a = av(o.av, `ahs[${i}].av`);
+    const a = readAv(o.av, `ahs[${i}].av`);
     if (a === null) throw new Bad(`ahs[${i}]`, 'no address vector');
     return { ahn: int(o.ahn, `ahs[${i}].ahn`, 1, limits.maxAh), pdn, av: a };
   });

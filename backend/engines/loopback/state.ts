@@ -5,6 +5,7 @@
  * retry counts, and a pending wait as the time it had left. Decoding checks
  * every field, so garbage is refused before anything is replaced.
  */
+import { avToJson, hexOf, plainReader, qpAttributesToJson, type Json } from '../../engine/plain-data.js';
 import { DeviceError } from '../../../virtio/device.js';
 import { FIRST_QPN, QPN_MASK, QpState, QpType, SendOp, WcStatus } from '../../abi/constants.js';
 import type { AddressVector, QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
@@ -24,13 +25,7 @@ export interface EngineSnapshot {
   qps: LoopbackQp[];
 }
 
-type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
-
-const hex = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
-
-function avJson(av: AddressVector | null): Json {
-  return av === null ? null : { dgid: hex(av.dgid), sgidIndex: av.sgidIndex, hopLimit: av.hopLimit, trafficClass: av.trafficClass, flowLabel: av.flowLabel, sl: av.sl };
-}
+const hex = hexOf;
 
 function sgesJson(sges: readonly Sge[]): Json {
   return sges.map((s) => [s.addr.toString(), s.length, s.lkey]);
@@ -49,7 +44,7 @@ function sendWrJson(wr: SendWr): Json {
     rkey: wr.rkey >>> 0,
     compareAdd: wr.compareAdd.toString(),
     swap: wr.swap.toString(),
-    ud: wr.ud === null ? null : { av: avJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
+    ud: wr.ud === null ? null : { av: avToJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
   };
 }
 
@@ -70,7 +65,7 @@ export function encodeState(s: EngineSnapshot, now: number): Uint8Array {
       pdn: qp.pdn,
       maxSendWr: qp.maxSendWr,
       maxRecvWr: qp.maxRecvWr,
-      attrs: { ...qp.attrs, qkey: qp.attrs.qkey >>> 0, av: avJson(qp.attrs.av) },
+      attrs: qpAttributesToJson(qp.attrs),
       rnrRetries: qp.rnrRetries,
       retries: qp.retries,
       flushPending: qp.flushPending,
@@ -93,33 +88,12 @@ export class EngineStateError extends DeviceError {
   }
 }
 
-function obj(x: unknown, where: string): Record<string, unknown> {
-  if (typeof x !== 'object' || x === null || Array.isArray(x)) throw new EngineStateError(where, 'not an object');
-  return x as Record<string, unknown>;
+const { obj, arr, int, bool, u64, bytes: hexBytes, av, qpAttributes } = plainReader((where, what) => new EngineStateError(where, what));
+
+function attrs(x: unknown, where: string): QpAttributes {
+  return qpAttributes(x, where, { maxRdAtomic: 255, maxPkeyIndex: 0xffff });
 }
-function arr(x: unknown, where: string, max: number): unknown[] {
-  if (!Array.isArray(x)) throw new EngineStateError(where, 'not an array');
-  if (x.length > max) throw new EngineStateError(where, `${x.length} entries, at most ${max}`);
-  return x;
-}
-function int(x: unknown, where: string, min: number, max: number): number {
-  if (typeof x !== 'number' || !Number.isInteger(x) || x < min || x > max) throw new EngineStateError(where, `${String(x)} is not an integer in ${min}..${max}`);
-  return x;
-}
-function bool(x: unknown, where: string): boolean {
-  if (typeof x !== 'boolean') throw new EngineStateError(where, 'not a boolean');
-  return x;
-}
-function u64(x: unknown, where: string): bigint {
-  if (typeof x !== 'string' || !/^\d{1,20}$/.test(x)) throw new EngineStateError(where, 'not a u64 decimal string');
-  const v = BigInt(x);
-  if (v >= 1n << 64n) throw new EngineStateError(where, 'exceeds 64 bits');
-  return v;
-}
-function hexBytes(x: unknown, where: string, len: number): Uint8Array {
-  if (typeof x !== 'string' || x.length !== len * 2 || !/^[0-9a-fA-F]*$/.test(x)) throw new EngineStateError(where, `not ${len} bytes of hex`);
-  return new Uint8Array(Buffer.from(x, 'hex'));
-}
+
 const U32 = 0xffff_ffff;
 
 function status(x: unknown, where: string): WcStatus | null {
@@ -127,41 +101,6 @@ function status(x: unknown, where: string): WcStatus | null {
   const v = int(x, where, 0, 255);
   if (WcStatus[v] === undefined) throw new EngineStateError(where, `${v} is not a completion status`);
   return v as WcStatus;
-}
-
-function av(x: unknown, where: string): AddressVector | null {
-  if (x === null) return null;
-  const o = obj(x, where);
-  return {
-    dgid: hexBytes(o.dgid, `${where}.dgid`, 16),
-    sgidIndex: int(o.sgidIndex, `${where}.sgidIndex`, 0, 255),
-    hopLimit: int(o.hopLimit, `${where}.hopLimit`, 0, 255),
-    trafficClass: int(o.trafficClass, `${where}.trafficClass`, 0, 255),
-    flowLabel: int(o.flowLabel, `${where}.flowLabel`, 0, 0xfffff),
-    sl: int(o.sl, `${where}.sl`, 0, 15),
-  };
-}
-
-function attrs(x: unknown, where: string): QpAttributes {
-  const o = obj(x, where);
-  const f = (k: string, max: number): number => int(o[k], `${where}.${k}`, 0, max);
-  return {
-    state: f('state', QpState.ERR) as QpState,
-    pathMtu: f('pathMtu', 5),
-    timeout: f('timeout', 31),
-    retryCnt: f('retryCnt', 7),
-    rnrRetry: f('rnrRetry', 7),
-    minRnrTimer: f('minRnrTimer', 31),
-    maxRdAtomic: f('maxRdAtomic', 255),
-    maxDestRdAtomic: f('maxDestRdAtomic', 255),
-    accessFlags: f('accessFlags', 0xf),
-    qkey: f('qkey', U32),
-    rqPsn: f('rqPsn', QPN_MASK),
-    sqPsn: f('sqPsn', QPN_MASK),
-    destQpn: f('destQpn', QPN_MASK),
-    pkeyIndex: f('pkeyIndex', 0xffff),
-    av: av(o.av, `${where}.av`),
-  };
 }
 
 function sges(x: unknown, where: string): { sges: Sge[]; total: number } {
