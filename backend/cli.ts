@@ -3,10 +3,11 @@
  * `vrdma`: the command-line entry point. `serve` runs a vhost-user back-end
  * on a unix socket for QEMU to connect to.
  */
+import { isIPv4 } from 'node:net';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { Logger, isLogLevel, type LogLevel } from '../virtio/log.js';
-import { native } from '../virtio/sys/native.js';
+import { isSysError, native } from '../virtio/sys/native.js';
 import { VhostUserBackend } from '../virtio/vhost-user/backend.js';
 import { ProtocolFeature } from '../virtio/vhost-user/protocol.js';
 import { VhostUserServer } from '../virtio/vhost-user/server.js';
@@ -15,28 +16,60 @@ import { EchoDevice } from '../virtio/examples/echo-device.js';
 import type { VirtioDevice } from '../virtio/device.js';
 import { RdmaDevice } from './device/rdma-device.js';
 import { LoopbackEngine } from './engines/loopback/loopback-engine.js';
+import { SoftRoceEngine } from './engines/soft-roce/soft-roce-engine.js';
+import { ROCEV2_UDP_PORT } from './engines/soft-roce/udp-transport.js';
+import type { Engine } from './engine/engine.js';
 import { gidFromAddress } from './gid.js';
 import { numQueues } from './abi/constants.js';
 import { DEFAULT_LIMITS, type RdmaLimits } from './device/limits.js';
 
 const DEVICES = ['rdma', 'rng', 'echo'] as const;
 type DeviceName = (typeof DEVICES)[number];
-const ENGINES = ['loopback'] as const;
+const ENGINES = ['loopback', 'soft-roce'] as const;
 type EngineName = (typeof ENGINES)[number];
+
+/** A refusal to start, reported as one `vrdma: ...` line and exit code 2. */
+class StartupError extends Error {}
 
 interface RdmaArgs {
   engine: EngineName;
   gids: string[];
+  /** UDP port the soft-RoCE engine binds and sends to. */
+  rocePort: number;
   cqSlots: number;
   qpSlots: number;
   limits: Partial<RdmaLimits>;
 }
 
 
+function makeEngine(rdma: RdmaArgs, log: Logger): Engine {
+  switch (rdma.engine) {
+    case 'loopback':
+      return new LoopbackEngine();
+    case 'soft-roce': {
+      const address = rdma.gids[0];
+      if (address === undefined || !isIPv4(address)) {
+        throw new StartupError(`the soft-roce engine binds the first --gid, which must be an IPv4 address (got ${address === undefined ? 'none' : `'${address}'`})`);
+      }
+      if (!Number.isInteger(rdma.rocePort) || rdma.rocePort < 1 || rdma.rocePort > 65535) throw new StartupError(`--roce-port must be an integer in 1..65535 (got ${rdma.rocePort})`);
+      let engine: SoftRoceEngine;
+      try {
+        engine = new SoftRoceEngine({ address, port: rdma.rocePort });
+      } catch (err) {
+        if (!isSysError(err)) throw err;
+        const hint = err.code === 'EADDRNOTAVAIL' ? ' (the address is not on this host)' : err.code === 'EADDRINUSE' ? ' (another process uses it; try --roce-port)' : '';
+        throw new StartupError(`soft-roce engine cannot bind UDP ${address}:${rdma.rocePort}: ${err.code}${hint}`);
+      }
+      log.info(`soft-roce engine bound to UDP ${engine.localAddress}`);
+      return engine;
+    }
+  }
+}
+
 function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
   switch (name) {
     case 'rdma': {
-      const engine = new LoopbackEngine();
+      const engine = makeEngine(rdma, log);
       const d = new RdmaDevice({
         engine,
         log: log.child('rdma'),
@@ -75,7 +108,7 @@ async function serve(args: { socket: string; device: DeviceName; logLevel: LogLe
   try {
     made = makeDevice(args.device, log, args.rdma);
   } catch (err) {
-    if (!(err instanceof RangeError)) throw err;
+    if (!(err instanceof RangeError) && !(err instanceof StartupError)) throw err;
     process.stderr.write(`vrdma: ${err.message}\n`);
     process.exit(2);
   }
@@ -117,7 +150,14 @@ await yargs(hideBin(process.argv))
       y
         .option('socket', { alias: 's', type: 'string', default: '/tmp/vrdma.sock', describe: 'Unix socket path QEMU connects to (a stale socket file there is replaced)' })
         .option('device', { alias: 'd', choices: DEVICES, default: 'rdma' as DeviceName, describe: 'Device to serve: rdma (virtio-rdma), rng (virtio-rng, use with vhost-user-rng-pci) or echo (test device)' })
-        .option('engine', { alias: 'e', choices: ENGINES, default: 'loopback' as EngineName, describe: 'RDMA engine: loopback (QPs of this device talk to each other)' })
+        .option('engine', {
+          alias: 'e',
+          choices: ENGINES,
+          default: 'loopback' as EngineName,
+          describe:
+            'RDMA engine: loopback (QPs of this device talk to each other) or soft-roce (RoCEv2 over UDP to other hosts/devices, binding the first --gid, which must be IPv4; RC SEND/WRITE/READ)',
+        })
+        .option('roce-port', { type: 'number', default: ROCEV2_UDP_PORT, describe: 'soft-roce: UDP port to bind and to send to (RoCEv2 is 4791; use another to run two engines on one address)' })
         .option('gid', { type: 'string', array: true, default: ['127.0.0.1'], describe: 'IP address for the GID table (repeat for more; IPv4 becomes ::ffff:a.b.c.d)' })
         .option('cq-slots', { type: 'number', default: 16, describe: 'CQ virtqueues (must match the QEMU device)' })
         .option('qp-slots', { type: 'number', default: 16, describe: 'QP slots, two virtqueues each (must match the QEMU device)' })
@@ -146,6 +186,7 @@ await yargs(hideBin(process.argv))
         rdma: {
           engine: a.engine,
           gids: a.gid,
+          rocePort: a['roce-port'],
           cqSlots: a['cq-slots'],
           qpSlots: a['qp-slots'],
           limits: {

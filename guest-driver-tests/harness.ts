@@ -2,14 +2,18 @@
  * Starts a virtio-rdma device for the reference driver, either in this
  * process (VhostUserBackend over a socketpair, same event loop) or as a
  * separate `vrdma serve --device rdma` process on a unix socket, and opens
- * reference-driver contexts on it.
+ * reference-driver contexts on it. The in-process device runs the loopback
+ * engine, or with {@link DeviceOptions.softRoce} a soft-RoCE engine on a UDP
+ * address, so that two devices can talk over the network.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RdmaDevice } from '../backend/device/rdma-device.js';
 import type { RdmaLimits } from '../backend/device/limits.js';
+import type { Engine } from '../backend/engine/engine.js';
 import { LoopbackEngine } from '../backend/engines/loopback/loopback-engine.js';
+import { SoftRoceEngine } from '../backend/engines/soft-roce/soft-roce-engine.js';
 import { gidFromAddress } from '../backend/gid.js';
 import { VhostUserFrontend } from '../virtio/frontend/frontend.js';
 import { Logger, type LogLevel } from '../virtio/log.js';
@@ -31,6 +35,24 @@ export interface DeviceOptions {
   logLevel?: LogLevel;
   /** Also print device log lines to stderr. */
   echoLog?: boolean;
+  /**
+   * In-process only: run a soft-RoCE engine bound to this UDP address/port
+   * instead of the loopback engine. The GID table is then `[address]` unless
+   * {@link gids} is given (its first entry should be the address).
+   */
+  softRoce?: SoftRoceDeviceOptions;
+}
+
+export interface SoftRoceDeviceOptions {
+  /** IPv4 address to bind, e.g. 127.0.0.2 (Linux routes all of 127/8 to lo). */
+  address: string;
+  /** UDP port to bind and to send to; default 4791. */
+  port?: number;
+}
+
+/** A random UDP port in 20000..39999, for a pair of soft-RoCE devices on distinct loopback addresses. */
+export function randomRocePort(): number {
+  return 20000 + Math.floor(Math.random() * 20000);
 }
 
 export interface DeviceUnderTest {
@@ -44,14 +66,16 @@ export interface DeviceUnderTest {
 }
 
 export async function startDevice(opts: DeviceOptions = {}): Promise<DeviceUnderTest> {
-  return (opts.mode ?? 'in-process') === 'in-process' ? new InProcessDevice(opts) : startDeviceProcess(opts);
+  const mode = opts.mode ?? 'in-process';
+  if (opts.softRoce !== undefined && mode !== 'in-process') throw new Error('harness: softRoce is for in-process devices only');
+  return mode === 'in-process' ? new InProcessDevice(opts) : startDeviceProcess(opts);
 }
 
 class InProcessDevice implements DeviceUnderTest {
   readonly mode = 'in-process' as const;
   readonly device: RdmaDevice;
   readonly backend: VhostUserBackend;
-  readonly engine: LoopbackEngine;
+  readonly engine: Engine;
   private readonly lines: string[] = [];
   private ended: Promise<ConnectionSummary> | null = null;
   private driver: RefDriver | null = null;
@@ -62,13 +86,19 @@ class InProcessDevice implements DeviceUnderTest {
       if (opts.echoLog) process.stderr.write(l + '\n');
     };
     const log = new Logger(opts.logLevel ?? 'info', '', sink);
-    this.engine = new LoopbackEngine();
-    this.device = new RdmaDevice({
-      engine: this.engine,
-      log: log.child('rdma'),
-      gids: (opts.gids ?? ['10.0.0.1']).map(gidFromAddress),
-      ...(opts.limits !== undefined ? { limits: opts.limits } : {}),
-    });
+    const rc = opts.softRoce;
+    this.engine = rc !== undefined ? new SoftRoceEngine({ address: rc.address, ...(rc.port !== undefined ? { port: rc.port } : {}) }) : new LoopbackEngine();
+    try {
+      this.device = new RdmaDevice({
+        engine: this.engine,
+        log: log.child('rdma'),
+        gids: (opts.gids ?? (rc !== undefined ? [rc.address] : ['10.0.0.1'])).map(gidFromAddress),
+        ...(opts.limits !== undefined ? { limits: opts.limits } : {}),
+      });
+    } catch (err) {
+      this.engine.close(); // a soft-RoCE engine holds a bound UDP socket
+      throw err;
+    }
     this.backend = new VhostUserBackend(this.device, log.child('vhost-user'));
   }
 

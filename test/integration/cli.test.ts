@@ -1,6 +1,6 @@
 /**
- * `vrdma serve` as a user meets it: help, the QEMU arguments it prints, and
- * a clear refusal of impossible limits.
+ * `vrdma serve` as a user meets it: help, the QEMU arguments it prints, a
+ * clear refusal of impossible limits, and the soft-roce engine's bind.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -13,7 +13,7 @@ describe('vrdma serve', () => {
   it('explains its options for a QEMU user', () => {
     const r = spawnSync(process.execPath, [CLI, 'serve', '--help'], { encoding: 'utf8' });
     expect(r.status).toBe(0);
-    for (const word of ['--socket', '--engine', '--gid', '--cq-slots', '--qp-slots', '--max-pd', '--log-level', 'QEMU']) expect(r.stdout).toContain(word);
+    for (const word of ['--socket', '--engine', 'soft-roce', '--roce-port', '--gid', '--cq-slots', '--qp-slots', '--max-pd', '--log-level', 'QEMU']) expect(r.stdout).toContain(word);
   });
 
   it('prints QEMU arguments that match its slots, for the project device and for stock QEMU', async () => {
@@ -27,6 +27,35 @@ describe('vrdma serve', () => {
     } finally {
       await b.stop();
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('serves with the soft-roce engine bound to the first --gid, and says where', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const b = new BackendProcess(['serve', '--engine', 'soft-roce', '--socket', join(dir, 's.sock'), '--gid', '127.0.0.2', '--roce-port', String(port)]);
+    try {
+      await b.waitFor(/listening on/);
+      expect(b.output).toContain(`soft-roce engine bound to UDP 127.0.0.2:${port}`);
+      expect(b.output).toContain('-device vhost-user-rdma-pci');
+    } finally {
+      await b.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses a soft-roce address that is not on this host, or is not IPv4, with a one-line reason and exit 2', () => {
+    const port = String(20000 + Math.floor(Math.random() * 20000));
+    const cases: [string[], RegExp][] = [
+      [['--gid', '192.0.2.1', '--roce-port', port], /^vrdma: soft-roce engine cannot bind UDP 192\.0\.2\.1:\d+: EADDRNOTAVAIL \(the address is not on this host\)$/m],
+      [['--gid', 'fd00::1'], /^vrdma: the soft-roce engine binds the first --gid, which must be an IPv4 address/m],
+    ];
+    for (const [args, message] of cases) {
+      const r = spawnSync(process.execPath, [CLI, 'serve', '--engine', 'soft-roce', '--socket', '/tmp/vrdma-never.sock', ...args], { encoding: 'utf8' });
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr).toMatch(message);
+      expect(r.stderr.trim().split('\n'), 'one line').toHaveLength(1);
+      expect(r.stdout, 'no QEMU arguments for a back-end that did not start').toBe('');
     }
   });
 

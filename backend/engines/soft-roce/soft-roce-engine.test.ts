@@ -14,7 +14,7 @@ const RAM_GPA = 0x10_0000;
 const RAM_SIZE = 16 << 20;
 const PAGE = 4096;
 const PD = 1;
-const ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ;
+const ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC;
 
 interface Done extends Completion {
   qpn: number;
@@ -152,9 +152,9 @@ function attrs(over: Partial<QpAttributes>): QpAttributes {
 }
 
 /** RC QPs on a and b connected to each other. */
-function connect(overA: Partial<QpAttributes> = {}, overB: Partial<QpAttributes> = {}): [number, number] {
-  const qa = a.engine.createQp({ type: QpType.RC, pdn: PD, maxSendWr: 64, maxRecvWr: 64 }, null, () => false)!;
-  const qb = b.engine.createQp({ type: QpType.RC, pdn: PD, maxSendWr: 64, maxRecvWr: 64 }, null, () => false)!;
+function connect(overA: Partial<QpAttributes> = {}, overB: Partial<QpAttributes> = {}, type = QpType.RC): [number, number] {
+  const qa = a.engine.createQp({ type, pdn: PD, maxSendWr: 64, maxRecvWr: 64 }, null, () => false)!;
+  const qb = b.engine.createQp({ type, pdn: PD, maxSendWr: 64, maxRecvWr: 64 }, null, () => false)!;
   const av = (gid: Uint8Array) => ({ dgid: gid.slice(), sgidIndex: 0, hopLimit: 64, trafficClass: 0, flowLabel: 0, sl: 0 });
   const psnA = 0xfffff0; // wraps during multi-packet tests
   const psnB = 0x123456;
@@ -465,5 +465,319 @@ describe('SoftRoceEngine RC over UDP', () => {
     const path = { family: 4 as const, src: new Uint8Array([127, 0, 0, 2]), dst: new Uint8Array([127, 0, 0, 3]), sport: PORT, dport: PORT, ipId: 0, ipFlagsFragment: 0x4000 };
     expect(seen.length).toBe(1);
     expect(checkIcrc(path, seen[0]!, 0, seen[0]!.length)).toBe(true);
+  });
+});
+
+function u64le(b: Uint8Array): bigint {
+  return new DataView(b.buffer, b.byteOffset, 8).getBigUint64(0, true);
+}
+
+function le64(v: bigint): Uint8Array {
+  const out = new Uint8Array(8);
+  new DataView(out.buffer).setBigUint64(0, v, true);
+  return out;
+}
+
+const av = (gid: Uint8Array) => ({ dgid: gid.slice(), sgidIndex: 0, hopLimit: 64, trafficClass: 0, flowLabel: 0, sl: 0 });
+
+describe('SoftRoceEngine RC atomics', () => {
+  it('CMP_AND_SWP (hit and miss) and FETCH_AND_ADD: original values scattered, remote memory updated', async () => {
+    const [qa] = connect({ accessFlags: ALL }, { accessFlags: ALL });
+    const remote = mr(b, 64);
+    const local = mr(a, 64);
+    remote.write(8, le64(100n));
+    const at = remote.iova + 8n;
+    postSend(a, qa, { opcode: SendOp.ATOMIC_CMP_AND_SWP, sges: [local.sge(0, 8)], remoteAddr: at, rkey: remote.rkey, compareAdd: 100n, swap: 7n });
+    postSend(a, qa, { opcode: SendOp.ATOMIC_CMP_AND_SWP, sges: [local.sge(8, 8)], remoteAddr: at, rkey: remote.rkey, compareAdd: 100n, swap: 8n });
+    postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(16, 8)], remoteAddr: at, rkey: remote.rkey, compareAdd: (1n << 64n) - 1n });
+    await until(() => a.host.sends.length === 3);
+    expect(a.host.sends.map((d) => [d.status, d.opcode, d.byteLen])).toEqual([
+      [WcStatus.SUCCESS, WcOpcode.COMP_SWAP, 8],
+      [WcStatus.SUCCESS, WcOpcode.COMP_SWAP, 8],
+      [WcStatus.SUCCESS, WcOpcode.FETCH_ADD, 8],
+    ]);
+    expect(local.read(0, 8)).toEqual(le64(100n));
+    expect(local.read(8, 8)).toEqual(le64(7n));
+    expect(local.read(16, 8)).toEqual(le64(7n));
+    expect(remote.read(8, 8)).toEqual(le64(6n));
+  });
+
+  it('atomic request and ATOMIC_ACK bytes on the wire (AtomicETH / AtomicAckETH)', async () => {
+    const [qa, qb] = connect({ accessFlags: ALL }, { accessFlags: ALL });
+    const remote = mr(b, 16);
+    const local = mr(a, 16);
+    remote.write(0, le64(0x1122_3344_5566_7788n));
+    const sent: Uint8Array[] = [];
+    const acks: Uint8Array[] = [];
+    a.engine.outgoingHook = (x) => (sent.push(x.slice()), true);
+    b.engine.outgoingHook = (x) => (acks.push(x.slice()), true);
+    postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(0, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 0x10n });
+    await until(() => a.host.sends.length === 1);
+    const req = sent[0]!;
+    expect(req.length).toBe(12 + 28 + 4);
+    expect(req[0]).toBe(0x14);
+    expect((req[5]! << 16) | (req[6]! << 8) | req[7]!).toBe(qb);
+    const dv = new DataView(req.buffer);
+    expect(dv.getBigUint64(12, false)).toBe(remote.iova);
+    expect(dv.getUint32(20, false)).toBe(remote.rkey >>> 0);
+    expect(dv.getBigUint64(24, false)).toBe(0x10n);
+    expect(dv.getBigUint64(32, false)).toBe(0n);
+    const ack = acks[0]!;
+    expect(ack.length).toBe(12 + 4 + 8 + 4);
+    expect(ack[0]).toBe(0x12);
+    expect(ack[12]).toBe(0x1f);
+    expect(new DataView(ack.buffer).getBigUint64(16, false)).toBe(0x1122_3344_5566_7788n);
+    expect(ack.subarray(9, 12)).toEqual(req.subarray(9, 12)); // same PSN
+    expect(local.read(0, 8)).toEqual(le64(0x1122_3344_5566_7788n));
+    expect(remote.read(0, 8)).toEqual(le64(0x1122_3344_5566_7798n));
+  });
+
+  it('a duplicate atomic (lost ATOMIC_ACK) is answered from the replay record, not executed twice', async () => {
+    const [qa] = connect({ accessFlags: ALL, timeout: 10 }, { accessFlags: ALL });
+    const remote = mr(b, 16);
+    const local = mr(a, 16);
+    remote.write(0, le64(1000n));
+    let dropped = 0;
+    b.engine.outgoingHook = (x) => !(x[0] === 0x12 && dropped++ === 0);
+    postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(0, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 5n });
+    await until(() => a.host.sends.length === 1);
+    expect(dropped).toBe(2);
+    expect(a.engine.stats.retransmits).toBeGreaterThanOrEqual(1);
+    expect(a.host.sends[0]!.status).toBe(WcStatus.SUCCESS);
+    expect(local.read(0, 8)).toEqual(le64(1000n));
+    expect(remote.read(0, 8)).toEqual(le64(1005n));
+  });
+
+  it('atomic without REMOTE_ATOMIC on the responder -> REM_ACCESS_ERR, memory untouched', async () => {
+    const [qa] = connect({ accessFlags: ALL });
+    const remote = mr(b, 16);
+    const local = mr(a, 16);
+    remote.write(0, le64(9n));
+    postSend(a, qa, { opcode: SendOp.ATOMIC_CMP_AND_SWP, sges: [local.sge(0, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 9n, swap: 1n });
+    await until(() => a.host.sends.length === 1);
+    expect(a.host.sends[0]!.status).toBe(WcStatus.REM_ACCESS_ERR);
+    expect(remote.read(0, 8)).toEqual(le64(9n));
+  });
+});
+
+describe('SoftRoceEngine UC', () => {
+  it('multi-packet SEND and WRITE with immediate, no ACKs, byte-exact', async () => {
+    const [qa, qb] = connect({}, {}, QpType.UC);
+    const len = 3500;
+    const src = mr(a, len);
+    const dst = mr(b, 8192);
+    const data = pattern(len, 21);
+    src.write(0, data);
+    const rt1 = postRecv(b, qb, [dst.sge(0, 4096)]);
+    const rt2 = postRecv(b, qb, []);
+    postSend(a, qa, { opcode: SendOp.SEND_WITH_IMM, sges: [src.sge(0, len)], imm: 0xabcdef01 });
+    postSend(a, qa, { opcode: SendOp.RDMA_WRITE_WITH_IMM, sges: [src.sge(0, 2000)], remoteAddr: dst.iova + 5000n, rkey: dst.rkey, imm: 7 });
+    await until(() => a.host.sends.length === 2 && b.host.recvs.length === 2);
+    expect(a.host.sends.map((d) => d.status)).toEqual([WcStatus.SUCCESS, WcStatus.SUCCESS]);
+    expect(b.host.recvs[0]).toMatchObject({ token: rt1, status: WcStatus.SUCCESS, opcode: WcOpcode.RECV, byteLen: len, flags: WcFlag.WITH_IMM, imm: 0xabcdef01, srcQp: qa });
+    expect(b.host.recvs[1]).toMatchObject({ token: rt2, status: WcStatus.SUCCESS, opcode: WcOpcode.RECV_RDMA_WITH_IMM, byteLen: 2000, imm: 7 });
+    expect(dst.read(0, len)).toEqual(data);
+    expect(dst.read(5000, 2000)).toEqual(data.subarray(0, 2000));
+    expect(b.engine.stats.packetsSent).toBe(0); // no ACKs on UC
+  });
+
+  it('a PSN gap discards the partial message; the next message reuses the receive WQE', async () => {
+    const [qa, qb] = connect({}, {}, QpType.UC);
+    const src = mr(a, 8192);
+    const dst = mr(b, 8192);
+    const data = pattern(8192, 22);
+    src.write(0, data);
+    let n = 0;
+    a.engine.outgoingHook = () => n++ !== 1; // lose the 2nd packet of the first message
+    const rt = postRecv(b, qb, [dst.sge(0, 8192)]);
+    postSend(a, qa, { sges: [src.sge(0, 3000)] });
+    postSend(a, qa, { sges: [src.sge(4000, 2500)] });
+    await until(() => a.host.sends.length === 2 && b.host.recvs.length === 1);
+    expect(a.host.sends.map((d) => d.status)).toEqual([WcStatus.SUCCESS, WcStatus.SUCCESS]);
+    expect(b.host.recvs[0]).toMatchObject({ token: rt, status: WcStatus.SUCCESS, byteLen: 2500 });
+    expect(dst.read(0, 2500)).toEqual(data.subarray(4000, 6500));
+    expect(b.host.failed).toEqual([]);
+  });
+
+  it('a bad rkey drops the WRITE silently; the QP keeps working', async () => {
+    const [qa, qb] = connect({}, {}, QpType.UC);
+    const src = mr(a, 64);
+    const dst = mr(b, 64);
+    src.write(0, pattern(64, 23));
+    postSend(a, qa, { opcode: SendOp.RDMA_WRITE, sges: [src.sge(0, 64)], remoteAddr: dst.iova, rkey: dst.rkey ^ 0x100 });
+    postRecv(b, qb, [dst.sge(0, 64)]);
+    postSend(a, qa, { sges: [src.sge(0, 64)] });
+    await until(() => b.host.recvs.length === 1);
+    expect(a.host.sends.map((d) => d.status)).toEqual([WcStatus.SUCCESS, WcStatus.SUCCESS]);
+    expect(dst.read(0, 64)).toEqual(pattern(64, 23));
+    expect(b.host.failed).toEqual([]);
+    expect(b.engine.stats.ignored).toBe(1);
+  });
+});
+
+describe('SoftRoceEngine UD', () => {
+  function udQp(s: Side, qkey: number): number {
+    const q = s.engine.createQp({ type: QpType.UD, pdn: PD, maxSendWr: 64, maxRecvWr: 64 }, null, () => false)!;
+    for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) s.engine.modifyQp(q, attrs({ state, qkey, pathMtu: 0, sqPsn: 5 }), 0);
+    return q;
+  }
+
+  it('SEND with immediate: DETH on the wire, GRH then payload in the receive buffer, src_qp reported', async () => {
+    const qa = udQp(a, 0x1111);
+    const qb = udQp(b, 0x2222);
+    const src = mr(a, 1000);
+    const dst = mr(b, 2048);
+    const data = pattern(1000, 31);
+    src.write(0, data);
+    const sent: Uint8Array[] = [];
+    a.engine.outgoingHook = (x) => (sent.push(x.slice()), true);
+    const rt = postRecv(b, qb, [dst.sge(0, 2048)]);
+    postSend(a, qa, { opcode: SendOp.SEND_WITH_IMM, sges: [src.sge(0, 1000)], imm: 0x55667788, ud: { av: av(b.gid), remoteQpn: qb, remoteQkey: 0x2222 } });
+    await until(() => b.host.recvs.length === 1);
+    expect(a.host.sends[0]).toMatchObject({ status: WcStatus.SUCCESS, opcode: WcOpcode.SEND, byteLen: 1000 });
+    expect(b.host.recvs[0]).toMatchObject({ token: rt, status: WcStatus.SUCCESS, opcode: WcOpcode.RECV, byteLen: 1040, flags: WcFlag.GRH | WcFlag.WITH_IMM, imm: 0x55667788, srcQp: qa });
+    const pkt = sent[0]!;
+    expect(pkt[0]).toBe(0x65);
+    const dv = new DataView(pkt.buffer);
+    expect(dv.getUint32(8, false) & 0xffffff).toBe(5); // PSN
+    expect(dv.getUint32(12, false)).toBe(0x2222);
+    expect(dv.getUint32(16, false) & 0xffffff).toBe(qa);
+    expect(dv.getUint32(20, false)).toBe(0x55667788);
+    const grh = dst.read(0, 40);
+    expect(grh.subarray(0, 20)).toEqual(new Uint8Array(20));
+    expect(grh[20]).toBe(0x45);
+    expect(grh[29]).toBe(17);
+    expect([...grh.subarray(32, 36)]).toEqual([127, 0, 0, 2]);
+    expect([...grh.subarray(36, 40)]).toEqual([127, 0, 0, 3]);
+    expect((grh[22]! << 8) | grh[23]!).toBe(20 + 8 + 12 + 8 + 4 + 1000 + 4);
+    expect(dst.read(40, 1000)).toEqual(data);
+  });
+
+  it('Q_Key: a mismatch is dropped silently; the high bit means the QP own Q_Key', async () => {
+    const qa = udQp(a, 0x4242);
+    const qb = udQp(b, 0x4242);
+    const src = mr(a, 100);
+    const dst = mr(b, 4096);
+    src.write(0, pattern(100, 32));
+    const rt = postRecv(b, qb, [dst.sge(0, 4096)]);
+    postSend(a, qa, { sges: [src.sge(0, 50)], ud: { av: av(b.gid), remoteQpn: qb, remoteQkey: 0x4243 } });
+    postSend(a, qa, { sges: [src.sge(0, 100)], ud: { av: av(b.gid), remoteQpn: qb, remoteQkey: 0x8000_0000 } });
+    await until(() => b.host.recvs.length === 1);
+    expect(a.host.sends.map((d) => d.status)).toEqual([WcStatus.SUCCESS, WcStatus.SUCCESS]);
+    expect(b.host.recvs[0]).toMatchObject({ token: rt, status: WcStatus.SUCCESS, byteLen: 140, srcQp: qa });
+    expect(dst.read(40, 100)).toEqual(pattern(100, 32));
+    expect(b.engine.stats.ignored).toBe(1);
+  });
+
+  it('a message longer than the path MTU -> LOC_LEN_ERR at post, in order, nothing sent', async () => {
+    const qa = udQp(a, 1);
+    a.engine.modifyQp(qa, attrs({ state: QpState.RTS, qkey: 1, pathMtu: 1, sqPsn: 5 }), 0); // 256
+    const qb = udQp(b, 1);
+    const src = mr(a, 300);
+    const dst = mr(b, 4096);
+    postRecv(b, qb, [dst.sge(0, 4096)]);
+    const t1 = postSend(a, qa, { sges: [src.sge(0, 257)], ud: { av: av(b.gid), remoteQpn: qb, remoteQkey: 1 } });
+    const t2 = postSend(a, qa, { sges: [src.sge(0, 256)], ud: { av: av(b.gid), remoteQpn: qb, remoteQkey: 1 } });
+    await until(() => a.host.sends.length === 2 && b.host.recvs.length === 1);
+    expect(a.host.sends.map((d) => [d.token, d.status])).toEqual([
+      [t1, WcStatus.LOC_LEN_ERR],
+      [t2, WcStatus.SUCCESS],
+    ]);
+    expect(a.engine.stats.packetsSent).toBe(1);
+    expect(b.host.recvs[0]!.byteLen).toBe(296);
+  });
+});
+
+describe('SoftRoceEngine saveState/loadState', () => {
+  /** Saves `s`'s engine, closes it and loads the state into a fresh engine bound to the same address. */
+  function migrate(s: Side, address: string): Uint8Array {
+    const state = s.engine.saveState();
+    s.engine.close();
+    s.engine = new SoftRoceEngine({ address, port: PORT });
+    s.engine.attach(s.host);
+    s.engine.loadState(state);
+    return state;
+  }
+
+  it('mid-transfer (multi-packet SEND in flight, partial message at the responder): both sides move, the transfer completes byte-exact', async () => {
+    const [qa, qb] = connect({ timeout: 16 });
+    const len = 40 * 1024;
+    const src = mr(a, len);
+    const dst = mr(b, len);
+    const data = pattern(len, 41);
+    src.write(0, data);
+    let passed = 0;
+    a.engine.outgoingHook = () => passed++ < 3;
+    const rt = postRecv(b, qb, [dst.sge(0, len)]);
+    const st = postSend(a, qa, { sges: [src.sge(0, len)] });
+    await new Promise((r) => setTimeout(r, 40));
+    expect(a.host.sends).toEqual([]);
+    const savedA = JSON.parse(new TextDecoder().decode(migrate(a, '127.0.0.2')));
+    const savedB = JSON.parse(new TextDecoder().decode(migrate(b, '127.0.0.3')));
+    expect(savedA.qps[0].sq[0]).toMatchObject({ token: st, npkts: 40 });
+    expect(savedA.qps[0].retryMs).toBeGreaterThan(0);
+    expect(savedB.qps[0].inMsg).toMatchObject({ kind: 'send', hasEntry: true, offset: 3 * 1024 });
+    expect(savedB.qps[0].rq[0].token).toBe(rt);
+    await until(() => a.host.sends.length === 1 && b.host.recvs.length === 1);
+    expect(a.host.sends[0]).toMatchObject({ token: st, status: WcStatus.SUCCESS, byteLen: len });
+    expect(b.host.recvs[0]).toMatchObject({ token: rt, status: WcStatus.SUCCESS, byteLen: len, srcQp: qa });
+    expect(dst.read(0, len)).toEqual(data);
+    expect(a.engine.stats.retransmits).toBeGreaterThanOrEqual(1);
+  });
+
+  it('during an RNR wait: the wait resumes with the time it had left and the SEND completes', async () => {
+    const [qa, qb] = connect({}, { minRnrTimer: 18 }); // 5.12 ms
+    const src = mr(a, 3000);
+    const dst = mr(b, 4096);
+    const data = pattern(3000, 42);
+    src.write(0, data);
+    postSend(a, qa, { sges: [src.sge(0, 3000)] });
+    await until(() => b.engine.stats.rnrNaks >= 1);
+    const saved = JSON.parse(new TextDecoder().decode(migrate(a, '127.0.0.2')));
+    migrate(b, '127.0.0.3');
+    expect(saved.qps[0].rnrWaitMs === null && saved.qps[0].retryMs === null).toBe(false);
+    postRecv(b, qb, [dst.sge(0, 4096)]);
+    await until(() => a.host.sends.length === 1 && b.host.recvs.length === 1);
+    expect(a.host.sends[0]!.status).toBe(WcStatus.SUCCESS);
+    expect(b.host.recvs[0]).toMatchObject({ status: WcStatus.SUCCESS, byteLen: 3000 });
+    expect(dst.read(0, 3000)).toEqual(data);
+  });
+
+  it('atomic replay records and PSNs survive a move', async () => {
+    const [qa] = connect({ accessFlags: ALL }, { accessFlags: ALL });
+    const remote = mr(b, 16);
+    const local = mr(a, 16);
+    remote.write(0, le64(1n));
+    postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(0, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 2n });
+    await until(() => a.host.sends.length === 1);
+    const saved = JSON.parse(new TextDecoder().decode(migrate(b, '127.0.0.3')));
+    expect(saved.qps[0].atomicReplay).toEqual([{ psn: 0xfffff0, original: '1' }]);
+    postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(8, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 2n });
+    await until(() => a.host.sends.length === 2);
+    expect(local.read(8, 8)).toEqual(le64(3n));
+    expect(remote.read(0, 8)).toEqual(le64(5n));
+  });
+
+  it('refuses garbage with the path of the bad field and keeps its QPs', async () => {
+    const [qa, qb] = connect();
+    const src = mr(a, 16);
+    postSend(a, qa, { sges: [src.sge(0, 16)] }); // waits for a receive (RNR)
+    const good = JSON.parse(new TextDecoder().decode(a.engine.saveState()));
+    const enc = (x: unknown) => new TextEncoder().encode(JSON.stringify(x));
+    expect(() => a.engine.loadState(new Uint8Array([0xff, 0]))).toThrow(/blob/);
+    expect(() => a.engine.loadState(enc({ ...good, version: 2 }))).toThrow(/version/);
+    const bad = structuredClone(good);
+    bad.qps[0].sq[0].wr.opcode = 99;
+    expect(() => a.engine.loadState(enc(bad))).toThrow(/qps\[0\]\.sq\[0\]\.wr\.opcode/);
+    const bad2 = structuredClone(good);
+    bad2.qps[0].attrs.sqPsn = -1;
+    expect(() => a.engine.loadState(enc(bad2))).toThrow(/qps\[0\]\.attrs\.sqPsn/);
+    const bad3 = structuredClone(good);
+    bad3.qps[0].retryMs = 'soon';
+    expect(() => a.engine.loadState(enc(bad3))).toThrow(/qps\[0\]\.retryMs/);
+    const dst = mr(b, 16);
+    postRecv(b, qb, [dst.sge(0, 16)]);
+    await until(() => a.host.sends.length === 1);
+    expect(a.host.sends[0]!.status).toBe(WcStatus.SUCCESS);
   });
 });

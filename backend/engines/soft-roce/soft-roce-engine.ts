@@ -11,13 +11,16 @@
  *              WRs, retransmits on timeout or PSN-sequence NAK, waits out
  *              RNR NAKs, and reports completions in posting order.
  *
- * Scope: RC SEND / SEND_WITH_IMM / RDMA WRITE (+IMM) / RDMA READ. Not (yet)
- * here: atomics, SEND_WITH_INV, UC, UD, saveState/loadState (throw),
- * fault injection.
+ * Scope: RC SEND / SEND_WITH_IMM / RDMA WRITE (+IMM) / RDMA READ / atomics
+ * (CMP_AND_SWP, FETCH_AND_ADD, answered from a replay record when repeated);
+ * UC SEND / WRITE (+IMM) without ACKs; UD SEND (+IMM) with DETH and a GRH
+ * for the receiver; saveState/loadState as versioned plain data (state.ts).
+ * Not (yet) here: SEND_WITH_INV, LOCAL_INV, fault injection.
  */
 import { Access, FIRST_QPN, QPN_MASK, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus, mtuBytes } from '../../abi/constants.js';
-import { resetQpAttributes, type Completion, type Engine, type EngineHost, type MemoryAccess, type QpAttributes, type QpConfig, type RecvWr, type SendWr } from '../../engine/engine.js';
+import { resetQpAttributes, type AddressVector, type Completion, type Engine, type EngineHost, type MemoryAccess, type QpAttributes, type QpConfig, type RecvWr, type SendWr } from '../../engine/engine.js';
 import { sendCompletion, RNR_RETRY_INFINITE } from '../loopback/completer.js';
+import { GRH_SIZE, buildGrh } from '../loopback/grh.js';
 import { sliceSges } from '../loopback/message.js';
 import { copyAttrs, receiving } from '../loopback/qp.js';
 import { MAX_TIMER_MS, rnrTimerMs, transportTimeoutMs } from '../loopback/timing.js';
@@ -25,6 +28,7 @@ import { Syndrome, syndromeKind, syndromeValue } from './headers.js';
 import { IPV4_DF, type IcrcPath, checkIcrc } from './icrc.js';
 import { Opcode } from './opcodes.js';
 import { MAX_MTU, RocePacket, decodePacket, encodePacket } from './packet.js';
+import { decodeState, encodeState, type SavedQp } from './state.js';
 import { ROCEV2_UDP_PORT, UdpTransport, type UdpBatch, type UdpPeer, peerAddress, udpPeer } from './udp-transport.js';
 
 /** Outstanding PSNs a requester allows before it waits for ACKs. */
@@ -32,6 +36,12 @@ export const SEND_WINDOW = 32;
 /** Ask for an ACK at least this often inside a long message. */
 const ACK_REQ_EVERY = SEND_WINDOW / 2;
 const PSN_MASK = 0xff_ffff;
+/** Atomic replay records a responder keeps (rxe: max_dest_rd_atomic resources). */
+const ATOMIC_REPLAY_MAX = 16;
+/** Transport bits of an opcode. */
+const TRANSPORT_RC = 0x00;
+const TRANSPORT_UC = 0x20;
+const TRANSPORT_UD = 0x60;
 /** Room for the largest header set plus MTU payload, pad and ICRC. */
 const STAGING = MAX_MTU + 128;
 
@@ -116,6 +126,21 @@ interface SendEntry {
   readPkts: number;
 }
 
+/** What a responder answered an atomic request with (for duplicates, §9). */
+export interface AtomicReplay {
+  psn: number;
+  original: bigint;
+}
+
+function isAtomicOp(op: SendOp): boolean {
+  return op === SendOp.ATOMIC_CMP_AND_SWP || op === SendOp.ATOMIC_FETCH_AND_ADD;
+}
+
+/** WRs answered by response packets (READ data, ATOMIC_ACK) rather than ACKs. */
+function isReadLike(op: SendOp): boolean {
+  return op === SendOp.RDMA_READ || isAtomicOp(op);
+}
+
 interface RecvEntry {
   token: number;
   wr: RecvWr;
@@ -145,6 +170,9 @@ class RoceQp {
   retryTimer: NodeJS.Timeout | null = null;
   rnrTimer: NodeJS.Timeout | null = null;
   rnrWaiting = false;
+  /** Date.now() at which the armed timers fire (for saveState). */
+  retryDeadline = 0;
+  rnrDeadline = 0;
 
   readonly rq: RecvEntry[] = [];
   /** Responder: expected PSN. */
@@ -153,6 +181,8 @@ class RoceQp {
   /** A PSN-sequence NAK was sent for the current gap. */
   nakSent = false;
   inMsg: InMessage | null = null;
+  /** Responder: answers to the latest atomics, oldest first. */
+  readonly atomicReplay: AtomicReplay[] = [];
   peer: UdpPeer | null = null;
   path: IcrcPath | null = null;
 
@@ -166,6 +196,7 @@ class RoceQp {
   }
 
   get mtu(): number {
+    if (this.type === QpType.UD && !this.attrs.pathMtu) return MAX_MTU;
     return mtuBytes(Math.min(5, Math.max(1, this.attrs.pathMtu || 1)));
   }
 }
@@ -205,7 +236,7 @@ export class SoftRoceEngine implements Engine {
   // Control path
 
   createQp(config: QpConfig, wanted: number | null, inUse: (qpn: number) => boolean): number | null {
-    if (config.type !== QpType.RC) return null;
+    if (config.type !== QpType.RC && config.type !== QpType.UC && config.type !== QpType.UD) return null;
     let qpn: number | null = null;
     if (wanted !== null) {
       if (!Number.isInteger(wanted) || wanted < FIRST_QPN || wanted > QPN_MASK || this.qps.has(wanted)) return null;
@@ -242,6 +273,7 @@ export class SoftRoceEngine implements Engine {
         qp.rq.length = 0;
         qp.sendIdx = 0;
         qp.inMsg = null;
+        qp.atomicReplay.length = 0;
         break;
       case QpState.ERR:
         this.clearTimers(qp);
@@ -285,7 +317,19 @@ export class SoftRoceEngine implements Engine {
       return;
     }
     const op = wr.opcode;
-    const supported = op === SendOp.SEND || op === SendOp.SEND_WITH_IMM || op === SendOp.RDMA_WRITE || op === SendOp.RDMA_WRITE_WITH_IMM || op === SendOp.RDMA_READ;
+    const sendOrWrite = op === SendOp.SEND || op === SendOp.SEND_WITH_IMM || op === SendOp.RDMA_WRITE || op === SendOp.RDMA_WRITE_WITH_IMM;
+    const supported =
+      qp.type === QpType.RC
+        ? sendOrWrite || op === SendOp.RDMA_READ || isAtomicOp(op)
+        : qp.type === QpType.UC
+          ? sendOrWrite
+          : (op === SendOp.SEND || op === SendOp.SEND_WITH_IMM) && wr.ud !== null;
+    if (supported && qp.attrs.state === QpState.RTS && qp.type === QpType.UD && wr.length > qp.mtu) {
+      // One packet per UD message: refused at post, in posting order.
+      entry.postError = WcStatus.LOC_LEN_ERR;
+      this.pump(qp);
+      return;
+    }
     if (qp.attrs.state !== QpState.RTS || !supported) {
       entry.postError = WcStatus.LOC_QP_OP_ERR;
       setImmediate(() => {
@@ -314,11 +358,61 @@ export class SoftRoceEngine implements Engine {
   }
 
   saveState(): Uint8Array {
-    throw new Error('soft-roce: saveState is not implemented');
+    const now = Date.now();
+    const qps: SavedQp[] = [...this.qps.values()].map((qp) => ({
+      qpn: qp.qpn,
+      type: qp.type,
+      pdn: qp.pdn,
+      attrs: qp.attrs,
+      sendIdx: qp.sendIdx,
+      sqPsn: qp.sqPsn,
+      unackedPsn: qp.unackedPsn,
+      retries: qp.retries,
+      rnrRetries: qp.rnrRetries,
+      rnrWaitMs: qp.rnrWaiting ? Math.max(0, qp.rnrDeadline - now) : null,
+      retryMs: qp.retryTimer !== null ? Math.max(0, qp.retryDeadline - now) : null,
+      rqPsn: qp.rqPsn,
+      msn: qp.msn,
+      nakSent: qp.nakSent,
+      inMsg: qp.inMsg === null ? null : { kind: qp.inMsg.kind, hasEntry: qp.inMsg.kind === 'send', offset: qp.inMsg.offset, va: qp.inMsg.va, rkey: qp.inMsg.rkey, dmaLength: qp.inMsg.dmaLength },
+      atomicReplay: qp.atomicReplay.map((r) => ({ ...r })),
+      sq: qp.sq.map((e) => ({ ...e })),
+      rq: qp.rq.map((e) => ({ ...e })),
+    }));
+    return encodeState({ nextQpn: this.nextQpn, qps });
   }
 
-  loadState(_state: Uint8Array): void {
-    throw new Error('soft-roce: loadState is not implemented');
+  /** Replaces all QPs with the saved ones (refusing garbage before anything changes); timers resume with the time they had left. */
+  loadState(state: Uint8Array): void {
+    const snap = decodeState(state);
+    for (const qp of this.qps.values()) this.clearTimers(qp);
+    this.qps.clear();
+    this.nextQpn = snap.nextQpn;
+    const loaded: RoceQp[] = [];
+    for (const q of snap.qps) {
+      const qp = new RoceQp(q.qpn, q.type, q.pdn, q.attrs);
+      if (q.attrs.av !== null && q.type !== QpType.UD) {
+        qp.peer = udpPeer(gidToAddress(q.attrs.av.dgid), this.remotePort);
+        qp.path = qp.peer.family === this.transport.local.family ? makePath(this.transport.local, qp.peer) : null;
+      }
+      qp.sq.push(...q.sq.map((e) => ({ ...e })));
+      qp.rq.push(...q.rq.map((e) => ({ ...e })));
+      qp.sendIdx = q.sendIdx;
+      qp.sqPsn = q.sqPsn;
+      qp.unackedPsn = q.unackedPsn;
+      qp.retries = q.retries;
+      qp.rnrRetries = q.rnrRetries;
+      qp.rqPsn = q.rqPsn;
+      qp.msn = q.msn;
+      qp.nakSent = q.nakSent;
+      qp.atomicReplay.push(...q.atomicReplay);
+      if (q.inMsg !== null) qp.inMsg = { kind: q.inMsg.kind, entry: q.inMsg.hasEntry ? qp.rq[0]! : null, offset: q.inMsg.offset, va: q.inMsg.va, rkey: q.inMsg.rkey, dmaLength: q.inMsg.dmaLength };
+      this.qps.set(qp.qpn, qp);
+      if (q.rnrWaitMs !== null) this.startRnrWait(qp, q.rnrWaitMs);
+      if (q.retryMs !== null) this.armRetry(qp, q.retryMs);
+      loaded.push(qp);
+    }
+    if (!this.suspended) for (const qp of loaded) this.pump(qp);
   }
 
   reset(): void {
@@ -347,34 +441,111 @@ export class SoftRoceEngine implements Engine {
   /** Sends what the window allows of `qp`'s SQ. */
   private pump(qp: RoceQp): void {
     const host = this.host;
-    if (host === null || this.suspended || qp.attrs.state !== QpState.RTS || qp.rnrWaiting || qp.peer === null || qp.path === null) return;
+    if (host === null || this.suspended || qp.attrs.state !== QpState.RTS || qp.rnrWaiting) return;
+    if (qp.type === QpType.UD) return this.pumpUd(qp);
+    if (qp.peer === null || qp.path === null) return;
     const memory = this.memory();
     if (memory === null) return;
     const mtu = qp.mtu;
+    const uc = qp.type === QpType.UC;
     while (qp.sendIdx < qp.sq.length) {
       const e = qp.sq[qp.sendIdx]!;
       if (e.postError !== null) return;
       if (e.firstPsn < 0) {
         e.firstPsn = qp.sqPsn;
-        e.npkts = Math.max(1, Math.ceil(e.wr.length / mtu));
+        e.npkts = isAtomicOp(e.wr.opcode) ? 1 : Math.max(1, Math.ceil(e.wr.length / mtu));
         e.sent = 0;
         qp.sqPsn = psnAdd(qp.sqPsn, e.npkts);
       }
-      const isRead = e.wr.opcode === SendOp.RDMA_READ;
+      const op = e.wr.opcode;
+      const readLike = isReadLike(op);
       const psn = psnAdd(e.firstPsn, e.sent);
-      const outstanding = psnDiff(psn, qp.unackedPsn);
-      if (outstanding > 0 && outstanding + (isRead ? 1 : 0) > SEND_WINDOW) return;
-      const status = isRead ? this.sendReadRequest(qp, e, psn, mtu) : this.sendDataPacket(qp, memory, e, psn, mtu);
+      if (!uc) {
+        const outstanding = psnDiff(psn, qp.unackedPsn);
+        if (outstanding > 0 && outstanding + (readLike ? 1 : 0) > SEND_WINDOW) return;
+      }
+      const status = op === SendOp.RDMA_READ ? this.sendReadRequest(qp, e, psn, mtu) : readLike ? this.sendAtomicRequest(qp, e, psn, memory) : this.sendDataPacket(qp, memory, e, psn, mtu);
       if (status !== WcStatus.SUCCESS) {
         this.completeThrough(qp, qp.sq.indexOf(e) - 1);
         this.finishHead(qp, status);
         return;
       }
-      if (isRead) e.sent = e.npkts;
+      if (readLike) e.sent = e.npkts;
       else e.sent++;
       if (e.sent >= e.npkts) qp.sendIdx++;
-      this.armRetry(qp);
+      if (uc) {
+        // No ACKs on UC: a WR is complete once its last packet is out.
+        if (e.sent >= e.npkts) {
+          qp.unackedPsn = qp.sqPsn;
+          this.completeThrough(qp, qp.sq.indexOf(e));
+        }
+      } else this.armRetry(qp);
     }
+  }
+
+  /** UD: one packet per WR to the WR's address; complete once sent. */
+  private pumpUd(qp: RoceQp): void {
+    const memory = this.memory();
+    if (memory === null) return;
+    while (qp.sq.length > 0) {
+      const e = qp.sq[0]!;
+      if (e.postError !== null) {
+        if (e.postError !== WcStatus.LOC_LEN_ERR) return;
+        qp.sq.shift();
+        qp.sendIdx = 0;
+        this.host!.sendDone(qp.qpn, e.token, sendCompletion(e.wr, e.postError, 0));
+        continue;
+      }
+      const wr = e.wr;
+      const ud = wr.ud!;
+      const withImm = wr.opcode === SendOp.SEND_WITH_IMM;
+      const peer = udpPeer(gidToAddress(ud.av.dgid), this.remotePort);
+      const local = this.transport.local;
+      if (peer.family === local.family) {
+        const pkt = this.tx.setOpcode(withImm ? Opcode.UD_SEND_ONLY_WITH_IMMEDIATE : Opcode.UD_SEND_ONLY);
+        this.fillBth(qp, qp.sqPsn, false);
+        pkt.bth.destQp = ud.remoteQpn & QPN_MASK;
+        pkt.bth.se = (wr.flags & SendFlag.SOLICITED) !== 0;
+        // IB: a Q_Key with the high bit set means the QP's own Q_Key.
+        pkt.deth.qkey = (ud.remoteQkey & 0x8000_0000 ? qp.attrs.qkey : ud.remoteQkey) >>> 0;
+        pkt.deth.srcQp = qp.qpn;
+        if (withImm) pkt.immDt.imm = wr.imm >>> 0;
+        pkt.payloadLength = wr.length;
+        const hl = pkt.info!.headerLength;
+        if (wr.length > 0) {
+          if (wr.inline !== null) this.staging.set(wr.inline.subarray(0, wr.length), hl);
+          else {
+            const s = memory.gather(qp.pdn, wr.sges, this.staging, hl);
+            if (s !== WcStatus.SUCCESS) {
+              this.finishHead(qp, s);
+              return;
+            }
+          }
+        }
+        const len = encodePacket(this.staging, 0, pkt, null, makePath(local, peer));
+        this.emit(peer, this.staging.subarray(0, len));
+      }
+      qp.sqPsn = psnAdd(qp.sqPsn, 1);
+      qp.sq.shift();
+      qp.sendIdx = 0;
+      this.host!.sendDone(qp.qpn, e.token, sendCompletion(wr, WcStatus.SUCCESS, wr.length));
+    }
+  }
+
+  private sendAtomicRequest(qp: RoceQp, e: SendEntry, psn: number, memory: MemoryAccess): WcStatus {
+    void memory;
+    const wr = e.wr;
+    const cas = wr.opcode === SendOp.ATOMIC_CMP_AND_SWP;
+    const pkt = this.tx.setOpcode(cas ? Opcode.RC_COMPARE_SWAP : Opcode.RC_FETCH_ADD);
+    this.fillBth(qp, psn, true);
+    pkt.atomicEth.va = wr.remoteAddr;
+    pkt.atomicEth.rkey = wr.rkey >>> 0;
+    pkt.atomicEth.swapAdd = cas ? wr.swap : wr.compareAdd;
+    pkt.atomicEth.compare = cas ? wr.compareAdd : 0n;
+    pkt.payloadLength = 0;
+    const len = encodePacket(this.staging, 0, pkt, null, qp.path);
+    this.emit(qp.peer!, this.staging.subarray(0, len));
+    return WcStatus.SUCCESS;
   }
 
   private sendDataPacket(qp: RoceQp, memory: MemoryAccess, e: SendEntry, psn: number, mtu: number): WcStatus {
@@ -387,9 +558,12 @@ export class SoftRoceEngine implements Engine {
     let op: number;
     if (isSend) op = first && last ? (withImm ? Opcode.RC_SEND_ONLY_WITH_IMMEDIATE : Opcode.RC_SEND_ONLY) : first ? Opcode.RC_SEND_FIRST : last ? (withImm ? Opcode.RC_SEND_LAST_WITH_IMMEDIATE : Opcode.RC_SEND_LAST) : Opcode.RC_SEND_MIDDLE;
     else op = first && last ? (withImm ? Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE : Opcode.RC_RDMA_WRITE_ONLY) : first ? Opcode.RC_RDMA_WRITE_FIRST : last ? (withImm ? Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE : Opcode.RC_RDMA_WRITE_LAST) : Opcode.RC_RDMA_WRITE_MIDDLE;
+    const uc = qp.type === QpType.UC;
+    if (uc) op |= TRANSPORT_UC; // same shapes, UC transport bits
     const pkt = this.tx.setOpcode(op);
-    this.fillBth(qp, psn, last || (i + 1) % ACK_REQ_EVERY === 0);
-    pkt.bth.se = last && isSend && (wr.flags & SendFlag.SOLICITED) !== 0;
+    this.fillBth(qp, psn, !uc && (last || (i + 1) % ACK_REQ_EVERY === 0));
+    // SE rides on the last packet of anything that consumes a receive: SEND, and RDMA WRITE with immediate.
+    pkt.bth.se = last && (isSend || withImm) && (wr.flags & SendFlag.SOLICITED) !== 0;
     if (first && !isSend) {
       pkt.reth.va = wr.remoteAddr;
       pkt.reth.rkey = wr.rkey >>> 0;
@@ -468,12 +642,16 @@ export class SoftRoceEngine implements Engine {
         continue;
       }
       const qp = this.qps.get(pkt.bth.destQp);
-      if (qp === undefined || qp.type !== QpType.RC || (pkt.opcode & 0xe0) !== 0) {
+      const transport = pkt.opcode & 0xe0;
+      const wanted = qp === undefined ? -1 : qp.type === QpType.RC ? TRANSPORT_RC : qp.type === QpType.UC ? TRANSPORT_UC : TRANSPORT_UD;
+      if (qp === undefined || transport !== wanted) {
         this.stats.noQp++;
         continue;
       }
       const op = pkt.opcode;
-      if (op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE) this.onResponse(qp, pkt);
+      if (transport === TRANSPORT_UD) this.onUdRequest(qp, pkt, src);
+      else if (transport === TRANSPORT_UC) this.onUcRequest(qp, pkt);
+      else if (op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE) this.onResponse(qp, pkt);
       else this.onRequest(qp, pkt);
     }
   }
@@ -503,7 +681,11 @@ export class SoftRoceEngine implements Engine {
     if (d < 0) {
       this.stats.ignored++;
       if (op === Opcode.RC_RDMA_READ_REQUEST) this.readRespond(qp, memory, pkt, false);
-      else if (pkt.bth.ackReq) this.sendAck(qp, psnAdd(qp.rqPsn, -1), Syndrome.ACK_UNLIMITED);
+      else if (op === Opcode.RC_COMPARE_SWAP || op === Opcode.RC_FETCH_ADD) {
+        // Never executed twice: answer from the replay record, if still held.
+        const r = qp.atomicReplay.find((x) => x.psn === psn);
+        if (r !== undefined) this.sendAtomicAck(qp, psn, r.original);
+      } else if (pkt.bth.ackReq) this.sendAck(qp, psnAdd(qp.rqPsn, -1), Syndrome.ACK_UNLIMITED);
       return;
     }
     qp.nakSent = false;
@@ -515,6 +697,11 @@ export class SoftRoceEngine implements Engine {
     if (op === Opcode.RC_RDMA_READ_REQUEST) {
       if (cur !== null) return this.invalid(qp, 'READ request inside a message');
       this.readRespond(qp, memory, pkt, true);
+      return;
+    }
+    if (op === Opcode.RC_COMPARE_SWAP || op === Opcode.RC_FETCH_ADD) {
+      if (cur !== null) return this.invalid(qp, 'atomic request inside a message');
+      this.atomicRespond(qp, memory, pkt);
       return;
     }
     if (!isSend && !isWrite) return this.invalid(qp, `opcode 0x${op.toString(16)} not supported`);
@@ -627,6 +814,136 @@ export class SoftRoceEngine implements Engine {
     }
   }
 
+  private atomicRespond(qp: RoceQp, memory: MemoryAccess, pkt: RocePacket): void {
+    const psn = pkt.bth.psn;
+    const { va, rkey, swapAdd, compare } = pkt.atomicEth;
+    if (!(qp.attrs.accessFlags & Access.REMOTE_ATOMIC)) return this.nakAccess(qp, 'atomic without REMOTE_ATOMIC on the QP', psn);
+    if ((va & 7n) !== 0n) return this.invalid(qp, `atomic at misaligned 0x${va.toString(16)}`);
+    const cas = pkt.opcode === Opcode.RC_COMPARE_SWAP;
+    const r = memory.remoteAtomic(qp.pdn, rkey, va, cas ? 'cmp_swap' : 'fetch_add', cas ? compare : swapAdd, cas ? swapAdd : 0n);
+    if (r.status !== WcStatus.SUCCESS) return this.nakAccess(qp, `atomic at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`, psn);
+    qp.rqPsn = psnAdd(psn, 1);
+    qp.msn = (qp.msn + 1) & PSN_MASK;
+    qp.atomicReplay.push({ psn, original: r.original });
+    if (qp.atomicReplay.length > ATOMIC_REPLAY_MAX) qp.atomicReplay.shift();
+    this.sendAtomicAck(qp, psn, r.original);
+  }
+
+  private sendAtomicAck(qp: RoceQp, psn: number, original: bigint): void {
+    const pkt = this.tx.setOpcode(Opcode.RC_ATOMIC_ACKNOWLEDGE);
+    this.fillBth(qp, psn, false);
+    pkt.aeth.syndrome = Syndrome.ACK_UNLIMITED;
+    pkt.aeth.msn = qp.msn;
+    pkt.atomicAckEth.origRemoteData = original;
+    pkt.payloadLength = 0;
+    const len = encodePacket(this.staging, 0, pkt, null, qp.path);
+    this.emit(qp.peer!, this.staging.subarray(0, len));
+  }
+
+  /** UC: like RC without ACKs; errors drop the message, a PSN gap discards the partial one. */
+  private onUcRequest(qp: RoceQp, pkt: RocePacket): void {
+    if (!receiving(qp.attrs.state) || qp.peer === null || qp.path === null) {
+      this.stats.noQp++;
+      return;
+    }
+    const memory = this.memory();
+    if (memory === null) return;
+    const op = pkt.opcode & 0x1f; // the RC opcode of the same shape
+    const psn = pkt.bth.psn;
+    const drop = (why: string): void => {
+      qp.inMsg = null;
+      this.stats.ignored++;
+      this.host!.log.debug(`soft-roce qpn 0x${qp.qpn.toString(16)}: UC drop (${why})`);
+    };
+    if (psn !== qp.rqPsn && qp.inMsg !== null) drop(`PSN 0x${psn.toString(16)}, expected 0x${qp.rqPsn.toString(16)}`);
+    qp.rqPsn = psnAdd(psn, 1);
+    const isSend = op <= Opcode.RC_SEND_ONLY_WITH_IMMEDIATE;
+    const first = op === Opcode.RC_SEND_FIRST || op === Opcode.RC_RDMA_WRITE_FIRST || isSendFirstOrOnly(op) || op === Opcode.RC_RDMA_WRITE_ONLY || op === Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE;
+    const last = !(op === Opcode.RC_SEND_FIRST || op === Opcode.RC_SEND_MIDDLE || op === Opcode.RC_RDMA_WRITE_FIRST || op === Opcode.RC_RDMA_WRITE_MIDDLE);
+    const withImm = op === Opcode.RC_SEND_LAST_WITH_IMMEDIATE || op === Opcode.RC_SEND_ONLY_WITH_IMMEDIATE || op === Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE || op === Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE;
+    const n = pkt.payloadLength;
+    const mtu = qp.mtu;
+    let msg = qp.inMsg;
+    if (first) {
+      if (msg !== null) drop('new message before the last one ended');
+      if (isSend) {
+        const entry = qp.rq[0];
+        if (entry === undefined) return drop('no receive WQE');
+        msg = { kind: 'send', entry, offset: 0, va: 0n, rkey: 0, dmaLength: 0 };
+      } else {
+        if (!(qp.attrs.accessFlags & Access.REMOTE_WRITE)) return drop('RDMA WRITE without REMOTE_WRITE on the QP');
+        msg = { kind: 'write', entry: null, offset: 0, va: pkt.reth.va, rkey: pkt.reth.rkey, dmaLength: pkt.reth.dmaLength };
+      }
+    } else if (msg === null || msg.kind !== (isSend ? 'send' : 'write')) {
+      return drop('middle or last packet without a first');
+    }
+    if ((!last && n !== mtu) || n > mtu) return drop(`payload of ${n} bytes for path MTU ${mtu}`);
+    if (isSend) {
+      if (n > 0 && this.scatterAt(memory, qp, msg, pkt) !== WcStatus.SUCCESS) return drop('SEND does not fit the receive WQE');
+    } else {
+      if (msg.offset + n > msg.dmaLength) return drop('RDMA WRITE longer than its DMA length');
+      if (n > 0 && memory.remoteWrite(qp.pdn, msg.rkey, msg.va + BigInt(msg.offset), pkt.buffer, pkt.payloadOffset, n) !== WcStatus.SUCCESS) return drop('RDMA WRITE refused');
+    }
+    msg.offset += n;
+    if (!last) {
+      qp.inMsg = msg;
+      return;
+    }
+    qp.inMsg = null;
+    if (!isSend && msg.offset !== msg.dmaLength) return drop('RDMA WRITE shorter than its DMA length');
+    const imm = withImm ? pkt.immDt.imm : 0;
+    const flags = withImm ? WcFlag.WITH_IMM : 0;
+    if (isSend) {
+      qp.rq.shift();
+      const c = recvCompletion(WcStatus.SUCCESS, WcOpcode.RECV, msg.offset, flags, imm, qp.attrs.destQpn);
+      c.solicited = pkt.bth.se;
+      this.host!.recvDone(qp.qpn, msg.entry!.token, c);
+    } else if (withImm) {
+      const entry = qp.rq.shift();
+      if (entry === undefined) return drop('no receive WQE for the immediate');
+      const c = recvCompletion(WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, msg.offset, flags, imm, qp.attrs.destQpn);
+      c.solicited = pkt.bth.se;
+      this.host!.recvDone(qp.qpn, entry.token, c);
+    }
+  }
+
+  /** UD: one-packet SENDs; Q_Key checked; the receive buffer gets the GRH first. */
+  private onUdRequest(qp: RoceQp, pkt: RocePacket, src: UdpPeer): void {
+    if (!receiving(qp.attrs.state)) {
+      this.stats.noQp++;
+      return;
+    }
+    const memory = this.memory();
+    if (memory === null) return;
+    if (pkt.deth.qkey >>> 0 !== qp.attrs.qkey >>> 0) {
+      this.stats.ignored++;
+      return;
+    }
+    const entry = qp.rq[0];
+    if (entry === undefined) {
+      this.stats.ignored++;
+      return;
+    }
+    const withImm = pkt.opcode === Opcode.UD_SEND_ONLY_WITH_IMMEDIATE;
+    const n = pkt.payloadLength;
+    const local = this.transport.local;
+    const toGid = (p: UdpPeer): Uint8Array => (p.family === 4 ? ipv4Gid(peerAddress(p)) : peerBytes(p));
+    const av: AddressVector = { dgid: toGid(local), sgidIndex: 0, hopLimit: 64, trafficClass: 0, flowLabel: 0, sl: 0 };
+    const grh = buildGrh(toGid(src), av, n, withImm);
+    qp.rq.shift();
+    let s = GRH_SIZE + n > entry.wr.length ? WcStatus.LOC_LEN_ERR : memory.scatter(qp.pdn, sliceSges(entry.wr.sges, 0, GRH_SIZE), grh, 0, GRH_SIZE);
+    if (s === WcStatus.SUCCESS && n > 0) s = memory.scatter(qp.pdn, sliceSges(entry.wr.sges, GRH_SIZE, n), pkt.buffer, pkt.payloadOffset, n);
+    const srcQp = pkt.deth.srcQp;
+    if (s !== WcStatus.SUCCESS) {
+      this.host!.recvDone(qp.qpn, entry.token, recvCompletion(s, WcOpcode.RECV, 0, 0, 0, srcQp));
+      this.failQp(qp, `UD receive failed with ${WcStatus[s] ?? s}`);
+      return;
+    }
+    const c = recvCompletion(WcStatus.SUCCESS, WcOpcode.RECV, GRH_SIZE + n, WcFlag.GRH | (withImm ? WcFlag.WITH_IMM : 0), withImm ? pkt.immDt.imm : 0, srcQp);
+    c.solicited = pkt.bth.se;
+    this.host!.recvDone(qp.qpn, entry.token, c);
+  }
+
   private sendAck(qp: RoceQp, psn: number, syndrome: number): void {
     if (syndromeKind(syndrome) === 'nak') this.stats.naksSent++;
     const pkt = this.tx.setOpcode(Opcode.RC_ACKNOWLEDGE);
@@ -679,9 +996,9 @@ export class SoftRoceEngine implements Engine {
         }
         const e = qp.sq[idx]!;
         const done = psnDiff(psn, e.firstPsn) === e.npkts - 1 ? idx : idx - 1;
-        // An ACK past an unfinished READ means its responses were lost.
+        // An ACK past an unfinished READ or atomic means its responses were lost.
         for (let i = 0; i <= done; i++) {
-          if (qp.sq[i]!.wr.opcode === SendOp.RDMA_READ) {
+          if (isReadLike(qp.sq[i]!.wr.opcode)) {
             this.completeThrough(qp, i - 1);
             this.retransmit(qp, psnAdd(qp.sq[0]!.firstPsn, qp.sq[0]!.readPkts));
             return;
@@ -710,12 +1027,7 @@ export class SoftRoceEngine implements Engine {
         this.clearTimers(qp);
         qp.rnrWaiting = true;
         this.rewind(qp, psn);
-        const ms = rnrTimerMs(syndromeValue(syn));
-        qp.rnrTimer = setTimeout(() => {
-          qp.rnrTimer = null;
-          qp.rnrWaiting = false;
-          if (this.qps.get(qp.qpn) === qp) this.pump(qp);
-        }, Math.min(ms, MAX_TIMER_MS));
+        this.startRnrWait(qp, rnrTimerMs(syndromeValue(syn)));
         return;
       }
       switch (syn) {
@@ -733,10 +1045,11 @@ export class SoftRoceEngine implements Engine {
           return;
       }
     }
-    if (op === Opcode.RC_ATOMIC_ACKNOWLEDGE || idx < 0) {
+    if (idx < 0) {
       this.stats.ignored++;
       return;
     }
+    if (op === Opcode.RC_ATOMIC_ACKNOWLEDGE) return this.onAtomicAck(qp, pkt, idx);
     // READ response: must be the next one expected for this READ, and earlier WRs are implicitly ACKed.
     const e = qp.sq[idx]!;
     if (e.wr.opcode !== SendOp.RDMA_READ || psnDiff(psn, psnAdd(e.firstPsn, e.readPkts)) !== 0) {
@@ -745,7 +1058,7 @@ export class SoftRoceEngine implements Engine {
       return;
     }
     for (let i = 0; i < idx; i++) {
-      if (qp.sq[i]!.wr.opcode === SendOp.RDMA_READ) {
+      if (isReadLike(qp.sq[i]!.wr.opcode)) {
         this.stats.ignored++;
         return;
       }
@@ -775,6 +1088,37 @@ export class SoftRoceEngine implements Engine {
     qp.retries = 0;
     qp.rnrRetries = 0;
     if (lastOp) this.completeThrough(qp, 0);
+    this.restartRetry(qp);
+    this.pump(qp);
+  }
+
+  private onAtomicAck(qp: RoceQp, pkt: RocePacket, idx: number): void {
+    const e = qp.sq[idx]!;
+    if (!isAtomicOp(e.wr.opcode) || pkt.bth.psn !== e.firstPsn || e.readPkts > 0) {
+      this.stats.ignored++;
+      return;
+    }
+    for (let i = 0; i < idx; i++) {
+      if (isReadLike(qp.sq[i]!.wr.opcode)) {
+        this.stats.ignored++;
+        return;
+      }
+    }
+    this.completeThrough(qp, idx - 1);
+    const memory = this.memory();
+    if (memory === null) return;
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, pkt.atomicAckEth.origRemoteData, true);
+    const s = memory.scatter(qp.pdn, sliceSges(e.wr.sges, 0, Math.min(8, e.wr.length)), bytes, 0, Math.min(8, e.wr.length));
+    if (s !== WcStatus.SUCCESS) {
+      this.finishHead(qp, s);
+      return;
+    }
+    e.readPkts = 1;
+    qp.unackedPsn = psnAdd(pkt.bth.psn, 1);
+    qp.retries = 0;
+    qp.rnrRetries = 0;
+    this.completeThrough(qp, 0);
     this.restartRetry(qp);
     this.pump(qp);
   }
@@ -811,7 +1155,7 @@ export class SoftRoceEngine implements Engine {
       const d = psnDiff(psn, e.firstPsn);
       if (d >= 0 && d < e.npkts) {
         qp.sendIdx = i;
-        e.sent = e.wr.opcode === SendOp.RDMA_READ ? 0 : d;
+        e.sent = isReadLike(e.wr.opcode) ? 0 : d;
         for (let j = i + 1; j < qp.sq.length; j++) qp.sq[j]!.sent = 0;
         return;
       }
@@ -831,11 +1175,24 @@ export class SoftRoceEngine implements Engine {
   // ---------------------------------------------------------------------------
   // Timers
 
-  private armRetry(qp: RoceQp): void {
+  private startRnrWait(qp: RoceQp, ms: number): void {
+    qp.rnrWaiting = true;
+    const wait = Math.min(ms, MAX_TIMER_MS);
+    qp.rnrDeadline = Date.now() + wait;
+    qp.rnrTimer = setTimeout(() => {
+      qp.rnrTimer = null;
+      qp.rnrWaiting = false;
+      if (this.qps.get(qp.qpn) === qp) this.pump(qp);
+    }, wait);
+  }
+
+  private armRetry(qp: RoceQp, remaining?: number): void {
     if (qp.retryTimer !== null) return;
-    const ms = transportTimeoutMs(qp.attrs.timeout);
+    const ms = remaining ?? transportTimeoutMs(qp.attrs.timeout);
     if (ms === null) return;
-    qp.retryTimer = setTimeout(() => this.retryExpired(qp), Math.min(Math.max(ms, 1), MAX_TIMER_MS));
+    const wait = Math.min(Math.max(ms, 1), MAX_TIMER_MS);
+    qp.retryDeadline = Date.now() + wait;
+    qp.retryTimer = setTimeout(() => this.retryExpired(qp), wait);
   }
 
   private restartRetry(qp: RoceQp): void {

@@ -1,0 +1,286 @@
+/**
+ * The soft-RoCE engine's state as versioned plain data (JSON in UTF-8,
+ * bigints as decimal strings, bytes as hex or base64): every QP with its
+ * attributes, PSNs, queued and unacknowledged WRs with the device's tokens,
+ * the responder's expected PSN and partial-message progress, atomic replay
+ * records, retry counts and the time pending timers had left. Decoding checks
+ * every field (plainReader), so garbage is refused with the path of the first
+ * bad field before anything is replaced.
+ */
+import { DeviceError } from '../../../virtio/device.js';
+import { FIRST_QPN, QPN_MASK, QpType, SendOp, WcStatus } from '../../abi/constants.js';
+import type { QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
+import { avToJson, plainReader, qpAttributesToJson, type Json } from '../../engine/plain-data.js';
+
+const FORMAT = 'vrdma-soft-roce-engine';
+const VERSION = 1;
+const MAX_QUEUE = 32768;
+const MAX_SGES = 256;
+const MAX_INLINE = 65536;
+const MAX_WAIT_MS = 1e10;
+const U32 = 0xffff_ffff;
+const PSN_MAX = 0xff_ffff;
+
+export interface SavedSendEntry {
+  token: number;
+  wr: SendWr;
+  postError: WcStatus | null;
+  firstPsn: number;
+  npkts: number;
+  sent: number;
+  readPkts: number;
+}
+
+export interface SavedInMessage {
+  kind: 'send' | 'write';
+  /** The message holds the head receive WQE (SEND). */
+  hasEntry: boolean;
+  offset: number;
+  va: bigint;
+  rkey: number;
+  dmaLength: number;
+}
+
+export interface SavedQp {
+  qpn: number;
+  type: QpType;
+  pdn: number;
+  attrs: QpAttributes;
+  sendIdx: number;
+  sqPsn: number;
+  unackedPsn: number;
+  retries: number;
+  rnrRetries: number;
+  /** Time the RNR wait had left; null when not waiting. */
+  rnrWaitMs: number | null;
+  /** Time the retransmit timer had left; null when not armed. */
+  retryMs: number | null;
+  rqPsn: number;
+  msn: number;
+  nakSent: boolean;
+  inMsg: SavedInMessage | null;
+  atomicReplay: { psn: number; original: bigint }[];
+  sq: SavedSendEntry[];
+  rq: { token: number; wr: RecvWr }[];
+}
+
+export interface SoftRoceSnapshot {
+  nextQpn: number;
+  qps: SavedQp[];
+}
+
+function sgesJson(sges: readonly Sge[]): Json {
+  return sges.map((s) => [s.addr.toString(), s.length, s.lkey >>> 0]);
+}
+
+function sendWrJson(wr: SendWr): Json {
+  return {
+    wrId: wr.wrId.toString(),
+    opcode: wr.opcode,
+    flags: wr.flags,
+    sges: sgesJson(wr.sges),
+    inline: wr.inline === null ? null : Buffer.from(wr.inline.buffer, wr.inline.byteOffset, wr.inline.byteLength).toString('base64'),
+    length: wr.length,
+    imm: wr.imm >>> 0,
+    remoteAddr: wr.remoteAddr.toString(),
+    rkey: wr.rkey >>> 0,
+    compareAdd: wr.compareAdd.toString(),
+    swap: wr.swap.toString(),
+    ud: wr.ud === null ? null : { av: avToJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
+  };
+}
+
+export function encodeState(s: SoftRoceSnapshot): Uint8Array {
+  const state: Json = {
+    format: FORMAT,
+    version: VERSION,
+    nextQpn: s.nextQpn,
+    qps: s.qps.map((q) => ({
+      qpn: q.qpn,
+      type: q.type,
+      pdn: q.pdn,
+      attrs: qpAttributesToJson(q.attrs),
+      sendIdx: q.sendIdx,
+      sqPsn: q.sqPsn,
+      unackedPsn: q.unackedPsn,
+      retries: q.retries,
+      rnrRetries: q.rnrRetries,
+      rnrWaitMs: q.rnrWaitMs,
+      retryMs: q.retryMs,
+      rqPsn: q.rqPsn,
+      msn: q.msn,
+      nakSent: q.nakSent,
+      inMsg: q.inMsg === null ? null : { ...q.inMsg, va: q.inMsg.va.toString(), rkey: q.inMsg.rkey >>> 0 },
+      atomicReplay: q.atomicReplay.map((r) => ({ psn: r.psn, original: r.original.toString() })),
+      sq: q.sq.map((e) => ({ token: e.token, postError: e.postError, firstPsn: e.firstPsn, npkts: e.npkts, sent: e.sent, readPkts: e.readPkts, wr: sendWrJson(e.wr) })),
+      rq: q.rq.map((e) => ({ token: e.token, wr: { wrId: e.wr.wrId.toString(), sges: sgesJson(e.wr.sges), length: e.wr.length } })),
+    })),
+  };
+  return new TextEncoder().encode(JSON.stringify(state));
+}
+
+export class SoftRoceStateError extends DeviceError {
+  constructor(where: string, what: string) {
+    super(`soft-roce engine state: ${where}: ${what}`);
+    this.name = 'SoftRoceStateError';
+  }
+}
+
+const { obj, arr, int, bool, u64, av, qpAttributes } = plainReader((where, what) => new SoftRoceStateError(where, what));
+
+function status(x: unknown, where: string): WcStatus | null {
+  if (x === null) return null;
+  const v = int(x, where, 0, 255);
+  if (WcStatus[v] === undefined) throw new SoftRoceStateError(where, `${v} is not a completion status`);
+  return v as WcStatus;
+}
+
+function waitMs(x: unknown, where: string): number | null {
+  if (x === null) return null;
+  if (typeof x !== 'number' || !Number.isFinite(x) || x < 0 || x > MAX_WAIT_MS) throw new SoftRoceStateError(where, `${String(x)} is not a time in 0..${MAX_WAIT_MS} ms`);
+  return x;
+}
+
+function sges(x: unknown, where: string): { sges: Sge[]; total: number } {
+  let total = 0;
+  const list = arr(x, where, MAX_SGES).map((s, i): Sge => {
+    const t = arr(s, `${where}[${i}]`, 3);
+    if (t.length !== 3) throw new SoftRoceStateError(`${where}[${i}]`, 'not [addr, length, lkey]');
+    const length = int(t[1], `${where}[${i}].length`, 0, U32);
+    total += length;
+    return { addr: u64(t[0], `${where}[${i}].addr`), length, lkey: int(t[2], `${where}[${i}].lkey`, 0, U32) };
+  });
+  return { sges: list, total };
+}
+
+const SEND_OPS = new Set<number>([SendOp.RDMA_WRITE, SendOp.RDMA_WRITE_WITH_IMM, SendOp.SEND, SendOp.SEND_WITH_IMM, SendOp.RDMA_READ, SendOp.ATOMIC_CMP_AND_SWP, SendOp.ATOMIC_FETCH_AND_ADD, SendOp.LOCAL_INV, SendOp.SEND_WITH_INV]);
+
+function sendWr(x: unknown, where: string): SendWr {
+  const o = obj(x, where);
+  const opcode = int(o.opcode, `${where}.opcode`, 0, 255);
+  if (!SEND_OPS.has(opcode)) throw new SoftRoceStateError(`${where}.opcode`, `${opcode} is not a send opcode`);
+  const { sges: list, total } = sges(o.sges, `${where}.sges`);
+  let inline: Uint8Array | null = null;
+  if (o.inline !== null) {
+    if (typeof o.inline !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(o.inline)) throw new SoftRoceStateError(`${where}.inline`, 'not base64');
+    inline = new Uint8Array(Buffer.from(o.inline, 'base64'));
+    if (inline.length > MAX_INLINE) throw new SoftRoceStateError(`${where}.inline`, `${inline.length} bytes`);
+    if (list.length !== 0) throw new SoftRoceStateError(where, 'both inline data and SGEs');
+  }
+  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+  if (length !== (inline !== null ? inline.length : total)) throw new SoftRoceStateError(`${where}.length`, `${length} does not match the data it names`);
+  let ud: SendWr['ud'] = null;
+  if (o.ud !== null) {
+    const u = obj(o.ud, `${where}.ud`);
+    const a = av(u.av, `${where}.ud.av`);
+    if (a === null) throw new SoftRoceStateError(`${where}.ud.av`, 'missing');
+    ud = { av: a, remoteQpn: int(u.remoteQpn, `${where}.ud.remoteQpn`, 0, QPN_MASK), remoteQkey: int(u.remoteQkey, `${where}.ud.remoteQkey`, 0, U32) };
+  }
+  return {
+    wrId: u64(o.wrId, `${where}.wrId`),
+    opcode: opcode as SendOp,
+    flags: int(o.flags, `${where}.flags`, 0, 0xff),
+    sges: list,
+    inline,
+    length,
+    imm: int(o.imm, `${where}.imm`, 0, U32),
+    remoteAddr: u64(o.remoteAddr, `${where}.remoteAddr`),
+    rkey: int(o.rkey, `${where}.rkey`, 0, U32),
+    compareAdd: u64(o.compareAdd, `${where}.compareAdd`),
+    swap: u64(o.swap, `${where}.swap`),
+    ud,
+  };
+}
+
+function recvWr(x: unknown, where: string): RecvWr {
+  const o = obj(x, where);
+  const { sges: list, total } = sges(o.sges, `${where}.sges`);
+  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+  if (length !== total) throw new SoftRoceStateError(`${where}.length`, `${length} is not the sum of its SGEs (${total})`);
+  return { wrId: u64(o.wrId, `${where}.wrId`), sges: list, length };
+}
+
+function tokenOf(o: Record<string, unknown>, where: string, seen: Set<number>): number {
+  const token = int(o.token, `${where}.token`, 0, U32);
+  if (seen.has(token)) throw new SoftRoceStateError(where, `token ${token} twice`);
+  seen.add(token);
+  return token;
+}
+
+export function decodeState(bytes: Uint8Array): SoftRoceSnapshot {
+  let root: unknown;
+  try {
+    root = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch (err) {
+    throw new SoftRoceStateError('blob', `not UTF-8 JSON (${(err as Error).message})`);
+  }
+  const r = obj(root, 'root');
+  if (r.format !== FORMAT) throw new SoftRoceStateError('format', `is not ${FORMAT}`);
+  if (r.version !== VERSION) throw new SoftRoceStateError('version', `${String(r.version)} is not ${VERSION}`);
+  const nextQpn = int(r.nextQpn, 'nextQpn', FIRST_QPN, QPN_MASK);
+  const seen = new Set<number>();
+  const qps = arr(r.qps, 'qps', 1 << 20).map((x, i): SavedQp => {
+    const w = `qps[${i}]`;
+    const o = obj(x, w);
+    const qpn = int(o.qpn, `${w}.qpn`, FIRST_QPN, QPN_MASK);
+    if (seen.has(qpn)) throw new SoftRoceStateError(`${w}.qpn`, `QPN 0x${qpn.toString(16)} twice`);
+    seen.add(qpn);
+    const type = int(o.type, `${w}.type`, QpType.RC, QpType.UD) as QpType;
+    const psn = (k: string): number => int(o[k], `${w}.${k}`, 0, PSN_MAX);
+    const sendTokens = new Set<number>();
+    const sq = arr(o.sq, `${w}.sq`, MAX_QUEUE).map((e, j): SavedSendEntry => {
+      const we = `${w}.sq[${j}]`;
+      const eo = obj(e, we);
+      return {
+        token: tokenOf(eo, we, sendTokens),
+        postError: status(eo.postError, `${we}.postError`),
+        firstPsn: int(eo.firstPsn, `${we}.firstPsn`, -1, PSN_MAX),
+        npkts: int(eo.npkts, `${we}.npkts`, 0, PSN_MAX),
+        sent: int(eo.sent, `${we}.sent`, 0, PSN_MAX),
+        readPkts: int(eo.readPkts, `${we}.readPkts`, 0, PSN_MAX),
+        wr: sendWr(eo.wr, `${we}.wr`),
+      };
+    });
+    const recvTokens = new Set<number>();
+    const rq = arr(o.rq, `${w}.rq`, MAX_QUEUE).map((e, j) => {
+      const we = `${w}.rq[${j}]`;
+      const eo = obj(e, we);
+      return { token: tokenOf(eo, we, recvTokens), wr: recvWr(eo.wr, `${we}.wr`) };
+    });
+    let inMsg: SavedInMessage | null = null;
+    if (o.inMsg !== null) {
+      const m = obj(o.inMsg, `${w}.inMsg`);
+      if (m.kind !== 'send' && m.kind !== 'write') throw new SoftRoceStateError(`${w}.inMsg.kind`, `${String(m.kind)} is not send or write`);
+      const hasEntry = bool(m.hasEntry, `${w}.inMsg.hasEntry`);
+      if (hasEntry !== (m.kind === 'send')) throw new SoftRoceStateError(`${w}.inMsg.hasEntry`, 'only a SEND holds a receive WQE');
+      if (hasEntry && rq.length === 0) throw new SoftRoceStateError(`${w}.inMsg`, 'a SEND in progress with no receive WQE');
+      inMsg = { kind: m.kind, hasEntry, offset: int(m.offset, `${w}.inMsg.offset`, 0, 0x8000_0000), va: u64(m.va, `${w}.inMsg.va`), rkey: int(m.rkey, `${w}.inMsg.rkey`, 0, U32), dmaLength: int(m.dmaLength, `${w}.inMsg.dmaLength`, 0, 0x8000_0000) };
+    }
+    const atomicReplay = arr(o.atomicReplay, `${w}.atomicReplay`, 64).map((e, j) => {
+      const eo = obj(e, `${w}.atomicReplay[${j}]`);
+      return { psn: int(eo.psn, `${w}.atomicReplay[${j}].psn`, 0, PSN_MAX), original: u64(eo.original, `${w}.atomicReplay[${j}].original`) };
+    });
+    const sendIdx = int(o.sendIdx, `${w}.sendIdx`, 0, sq.length);
+    return {
+      qpn,
+      type,
+      pdn: int(o.pdn, `${w}.pdn`, 0, U32),
+      attrs: qpAttributes(o.attrs, `${w}.attrs`, { maxRdAtomic: 255, maxPkeyIndex: 0xffff }),
+      sendIdx,
+      sqPsn: psn('sqPsn'),
+      unackedPsn: psn('unackedPsn'),
+      retries: int(o.retries, `${w}.retries`, 0, 7),
+      rnrRetries: int(o.rnrRetries, `${w}.rnrRetries`, 0, 7),
+      rnrWaitMs: waitMs(o.rnrWaitMs, `${w}.rnrWaitMs`),
+      retryMs: waitMs(o.retryMs, `${w}.retryMs`),
+      rqPsn: psn('rqPsn'),
+      msn: psn('msn'),
+      nakSent: bool(o.nakSent, `${w}.nakSent`),
+      inMsg,
+      atomicReplay,
+      sq,
+      rq,
+    };
+  });
+  return { nextQpn, qps };
+}
