@@ -17,6 +17,7 @@ import type { VirtioDevice } from '../virtio/device.js';
 import { RdmaDevice } from './device/rdma-device.js';
 import { LoopbackEngine } from './engines/loopback/loopback-engine.js';
 import { SoftRoceEngine } from './engines/soft-roce/soft-roce-engine.js';
+import { PcapCapture } from './engines/soft-roce/capture.js';
 import { ROCEV2_UDP_PORT } from './engines/soft-roce/udp-transport.js';
 import type { Engine } from './engine/engine.js';
 import { gidFromAddress } from './gid.js';
@@ -36,15 +37,21 @@ interface RdmaArgs {
   gids: string[];
   /** UDP port the soft-RoCE engine binds and sends to. */
   rocePort: number;
+  /** soft-roce: pcap file recording every RoCEv2 datagram sent and received. */
+  pcap: string | undefined;
   cqSlots: number;
   qpSlots: number;
   limits: Partial<RdmaLimits>;
 }
 
 
-function makeEngine(rdma: RdmaArgs, log: Logger): Engine {
+/** Things to close on SIGINT/SIGTERM (the pcap file). */
+type Cleanup = (() => void)[];
+
+function makeEngine(rdma: RdmaArgs, log: Logger, cleanup: Cleanup): Engine {
   switch (rdma.engine) {
     case 'loopback':
+      if (rdma.pcap !== undefined) throw new StartupError('--pcap records the soft-roce engine\'s RoCEv2 datagrams; the loopback engine sends none (use --engine soft-roce)');
       return new LoopbackEngine();
     case 'soft-roce': {
       const address = rdma.gids[0];
@@ -61,15 +68,33 @@ function makeEngine(rdma: RdmaArgs, log: Logger): Engine {
         throw new StartupError(`soft-roce engine cannot bind UDP ${address}:${rdma.rocePort}: ${err.code}${hint}`);
       }
       log.info(`soft-roce engine bound to UDP ${engine.localAddress}`);
+      if (rdma.pcap !== undefined) {
+        const path = rdma.pcap;
+        let capture: PcapCapture;
+        try {
+          capture = PcapCapture.toFile(path);
+        } catch (err) {
+          engine.close();
+          if (!isSysError(err) && !(err instanceof Error && 'code' in err)) throw err;
+          throw new StartupError(`cannot open --pcap file '${path}': ${(err as { code?: unknown }).code}`);
+        }
+        engine.capture = capture;
+        cleanup.push(() => {
+          engine.capture = null;
+          capture.close();
+          log.info(`pcap ${path}: ${capture.count} packets (${capture.tx} sent, ${capture.rx} received)`);
+        });
+        log.info(`soft-roce engine capturing RoCEv2 packets to pcap ${path}`);
+      }
       return engine;
     }
   }
 }
 
-function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
+function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs, cleanup: Cleanup): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
   switch (name) {
     case 'rdma': {
-      const engine = makeEngine(rdma, log);
+      const engine = makeEngine(rdma, log, cleanup);
       const d = new RdmaDevice({
         engine,
         log: log.child('rdma'),
@@ -105,8 +130,10 @@ function qemuArgs(socket: string, qemuDevice: string, memMiB: number): string {
 async function serve(args: { socket: string; device: DeviceName; logLevel: LogLevel; qemuMem: number; rdma: RdmaArgs; deviceState: boolean }): Promise<void> {
   const log = new Logger(args.logLevel);
   let made: ReturnType<typeof makeDevice>;
+  const cleanup: Cleanup = [];
   try {
-    made = makeDevice(args.device, log, args.rdma);
+    if (args.rdma.pcap !== undefined && args.device !== 'rdma') throw new StartupError(`--pcap needs --device rdma with --engine soft-roce (got --device ${args.device})`);
+    made = makeDevice(args.device, log, args.rdma, cleanup);
   } catch (err) {
     if (!(err instanceof RangeError) && !(err instanceof StartupError)) throw err;
     process.stderr.write(`vrdma: ${err.message}\n`);
@@ -134,6 +161,7 @@ async function serve(args: { socket: string; device: DeviceName; logLevel: LogLe
   const stop = (sig: string): void => {
     log.info(`${sig}: shutting down; ${summary()}`);
     server.close();
+    for (const c of cleanup) c();
     process.exit(0);
   };
   process.on('SIGINT', () => stop('SIGINT'));
@@ -158,6 +186,7 @@ await yargs(hideBin(process.argv))
             'RDMA engine: loopback (QPs of this device talk to each other) or soft-roce (RoCEv2 over UDP to other hosts/devices, binding the first --gid, which must be IPv4; RC SEND/WRITE/READ)',
         })
         .option('roce-port', { type: 'number', default: ROCEV2_UDP_PORT, describe: 'soft-roce: UDP port to bind and to send to (RoCEv2 is 4791; use another to run two engines on one address)' })
+        .option('pcap', { type: 'string', describe: 'soft-roce: record every RoCEv2 packet sent and received (malformed ones too) in this pcap file, as Ethernet/IPv4/UDP frames, for tshark/Wireshark' })
         .option('gid', { type: 'string', array: true, default: ['127.0.0.1'], describe: 'IP address for the GID table (repeat for more; IPv4 becomes ::ffff:a.b.c.d)' })
         .option('cq-slots', { type: 'number', default: 16, describe: 'CQ virtqueues (must match the QEMU device)' })
         .option('qp-slots', { type: 'number', default: 16, describe: 'QP slots, two virtqueues each (must match the QEMU device)' })
@@ -187,6 +216,7 @@ await yargs(hideBin(process.argv))
           engine: a.engine,
           gids: a.gid,
           rocePort: a['roce-port'],
+          pcap: a.pcap,
           cqSlots: a['cq-slots'],
           qpSlots: a['qp-slots'],
           limits: {

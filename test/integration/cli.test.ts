@@ -3,17 +3,18 @@
  * clear refusal of impossible limits, and the soft-roce engine's bind.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { readPcap } from '../../backend/engines/soft-roce/pcap.js';
 import { BackendProcess, CLI } from '../support/backend-process.js';
 
 describe('vrdma serve', () => {
   it('explains its options for a QEMU user', () => {
     const r = spawnSync(process.execPath, [CLI, 'serve', '--help'], { encoding: 'utf8' });
     expect(r.status).toBe(0);
-    for (const word of ['--socket', '--engine', 'soft-roce', '--roce-port', '--gid', '--cq-slots', '--qp-slots', '--max-pd', '--log-level', 'QEMU']) expect(r.stdout).toContain(word);
+    for (const word of ['--socket', '--engine', 'soft-roce', '--roce-port', '--pcap', '--gid', '--cq-slots', '--qp-slots', '--max-pd', '--log-level', 'QEMU']) expect(r.stdout).toContain(word);
   });
 
   it('prints QEMU arguments that match its slots, for the project device and for stock QEMU', async () => {
@@ -56,6 +57,38 @@ describe('vrdma serve', () => {
       expect(r.stderr).toMatch(message);
       expect(r.stderr.trim().split('\n'), 'one line').toHaveLength(1);
       expect(r.stdout, 'no QEMU arguments for a back-end that did not start').toBe('');
+    }
+  });
+
+  it('refuses --pcap with the loopback engine with a one-line reason and exit 2, creating no file', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
+    try {
+      const file = join(dir, 'x.pcap');
+      const r = spawnSync(process.execPath, [CLI, 'serve', '--socket', join(dir, 's.sock'), '--pcap', file], { encoding: 'utf8' });
+      expect(r.status).toBe(2);
+      expect(r.stderr).toMatch(/^vrdma: --pcap records the soft-roce engine's RoCEv2 datagrams; the loopback engine sends none/m);
+      expect(r.stderr.trim().split('\n'), 'one line').toHaveLength(1);
+      expect(r.stdout).toBe('');
+      expect(existsSync(file)).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('with --pcap, the soft-roce engine says where it captures and leaves a valid pcap file after SIGTERM', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const file = join(dir, 'roce.pcap');
+    const b = new BackendProcess(['serve', '--engine', 'soft-roce', '--socket', join(dir, 's.sock'), '--gid', '127.0.0.2', '--roce-port', String(port), '--pcap', file]);
+    try {
+      await b.waitFor(/listening on/);
+      expect(b.output).toContain(`capturing RoCEv2 packets to pcap ${file}`);
+      await b.stop();
+      expect(b.output).toMatch(/pcap .*roce\.pcap: 0 packets/);
+      expect(readPcap(new Uint8Array(readFileSync(file)))).toMatchObject({ linkType: 1, records: [] });
+    } finally {
+      await b.stop();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 

@@ -1,4 +1,7 @@
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestRam } from '../../../virtio/frontend/guest-ram.js';
 import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.js';
 import { Logger } from '../../../virtio/log.js';
@@ -6,7 +9,12 @@ import { Access, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus }
 import { GuestMemoryAccess } from '../../device/memory-access.js';
 import { MrTable } from '../../device/mr-table.js';
 import type { Completion, EngineHost, MemoryAccess, QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import { PcapCapture, type RoceCapture } from './capture.js';
+import { FrameInfo, headersLength, parseFrame } from './frame.js';
 import { checkIcrc } from './icrc.js';
+import { Opcode } from './opcodes.js';
+import { readPcap } from './pcap.js';
+import { hasTshark, runTshark, tsharkArgs } from './test-support.js';
 import { SoftRoceEngine, gidToAddress, ipv4Gid, psnAdd, psnDiff } from './soft-roce-engine.js';
 import { udpPeer } from './udp-transport.js';
 
@@ -779,5 +787,119 @@ describe('SoftRoceEngine saveState/loadState', () => {
     postRecv(b, qb, [dst.sge(0, 16)]);
     await until(() => a.host.sends.length === 1);
     expect(a.host.sends[0]!.status).toBe(WcStatus.SUCCESS);
+  });
+});
+
+describe('SoftRoceEngine packet capture', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'vrdma-capture-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  /** Replaces a's engine with one built with `capture` (the constructor option). */
+  function capturing(capture: RoceCapture): void {
+    a.engine.close();
+    a.engine = new SoftRoceEngine({ address: '127.0.0.2', port: PORT, capture });
+    a.engine.attach(a.host);
+  }
+
+  it('records SEND, WRITE and READ traffic both ways; tshark decodes every frame as RoCE with the expected opcodes', async () => {
+    if (!hasTshark()) throw new Error('tshark is not installed: run `npm run setup`');
+    const file = join(dir, 'rc.pcap');
+    const pcap = PcapCapture.toFile(file);
+    const seen: { dir: string; op: number }[] = [];
+    capturing({
+      write: (d, src, dst, payload, ms, wire) => {
+        seen.push({ dir: d, op: payload[0]! });
+        pcap.write(d, src, dst, payload, ms, wire);
+      },
+    });
+    const [qa, qb] = connect();
+    const sendLen = 3 * 1024 + 10; // 4 packets at MTU 1024
+    const src = mr(a, 8192);
+    const dst = mr(b, 12288);
+    src.write(0, pattern(8192, 21));
+    dst.write(0, pattern(12288, 22));
+    postRecv(b, qb, [dst.sge(0, 4096)]);
+    postSend(a, qa, { sges: [src.sge(0, sendLen)] });
+    await until(() => a.host.sends.length === 1 && b.host.recvs.length === 1);
+    postSend(a, qa, { opcode: SendOp.RDMA_WRITE, sges: [src.sge(0, 2500)], remoteAddr: dst.iova + 4096n, rkey: dst.rkey }); // 3 packets
+    await until(() => a.host.sends.length === 2);
+    postSend(a, qa, { opcode: SendOp.RDMA_READ, sges: [src.sge(4096, 2100)], remoteAddr: dst.iova + 8192n, rkey: dst.rkey }); // 3 responses
+    await until(() => a.host.sends.length === 3);
+    await new Promise((r) => setTimeout(r, 50)); // late ACKs
+    a.engine.capture = null;
+    pcap.close();
+    expect(a.host.sends.map((s) => s.status)).toEqual([WcStatus.SUCCESS, WcStatus.SUCCESS, WcStatus.SUCCESS]);
+    expect(src.read(4096, 2100)).toEqual(pattern(12288, 22).subarray(8192, 8192 + 2100));
+
+    const tx = seen.filter((s) => s.dir === 'tx');
+    const rx = seen.filter((s) => s.dir === 'rx');
+    expect(tx.length).toBe(a.engine.stats.packetsSent);
+    expect(pcap.tx).toBe(tx.length);
+    expect(pcap.rx).toBe(rx.length);
+    // Requests out, in order (no loss on loopback, so no retransmissions).
+    expect(tx.map((s) => s.op)).toEqual([
+      Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST,
+      Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST,
+      Opcode.RC_RDMA_READ_REQUEST,
+    ]);
+    // ACKs and the READ responses in.
+    const rxOps = rx.map((s) => s.op);
+    expect(rxOps.filter((o) => o !== Opcode.RC_ACKNOWLEDGE)).toEqual([Opcode.RC_RDMA_READ_RESPONSE_FIRST, Opcode.RC_RDMA_READ_RESPONSE_MIDDLE, Opcode.RC_RDMA_READ_RESPONSE_LAST]);
+    expect(rxOps.filter((o) => o === Opcode.RC_ACKNOWLEDGE).length).toBeGreaterThanOrEqual(2);
+
+    const records = readPcap(new Uint8Array(readFileSync(file))).records;
+    expect(records).toHaveLength(seen.length);
+    const rroce = ['-o', `infiniband.rroce.port:${PORT}`]; // the engines use a test port, not 4791
+    // The rebuilt IP/UDP headers are the ones the ICRC was sealed over.
+    for (const r of records) {
+      const info = new FrameInfo();
+      expect(parseFrame(r.data, info, 0, r.data.length, PORT)).toBe('ok');
+      expect(checkIcrc(info.path(r.data), r.data, info.roceOffset, info.roceLength)).toBe(true);
+    }
+    const out = runTshark(tsharkArgs(file, ...rroce, '-o', 'ip.check_checksum:TRUE', '-T', 'fields', '-E', 'separator=/t', '-e', 'ip.src', '-e', 'ip.dst', '-e', 'udp.dstport', '-e', 'ip.checksum.status', '-e', 'infiniband.bth.opcode', '-e', '_ws.malformed', '-e', '_ws.expert.severity'));
+    const rows = out.trim().split('\n').map((l) => l.split('\t'));
+    expect(rows).toHaveLength(seen.length);
+    rows.forEach((r, i) => {
+      const s = seen[i]!;
+      const [ipSrc, ipDst, dport, ipck, op, malformed, expert] = r;
+      expect([ipSrc, ipDst], `frame ${i + 1}`).toEqual(s.dir === 'tx' ? ['127.0.0.2', '127.0.0.3'] : ['127.0.0.3', '127.0.0.2']);
+      expect(dport, `frame ${i + 1}`).toBe(String(PORT));
+      expect(ipck, `frame ${i + 1} IP checksum good`).toBe('1'); // 0 bad, 1 good, 2 unverified
+      expect(op, `frame ${i + 1} decoded as InfiniBand`).toMatch(/^\d+$/);
+      expect(Number(op), `frame ${i + 1} opcode`).toBe(s.op);
+      expect(malformed ?? '', `frame ${i + 1} malformed`).toBe('');
+      expect(expert ?? '', `frame ${i + 1} expert info`).toBe('');
+    });
+    // Nothing tshark calls malformed or failed to see as InfiniBand.
+    expect(runTshark(tsharkArgs(file, ...rroce, '-Y', '_ws.malformed || !infiniband')).trim()).toBe('');
+  });
+
+  it('records received datagrams that are then dropped as malformed, byte for byte', async () => {
+    const file = join(dir, 'junk.pcap');
+    const pcap = PcapCapture.toFile(file);
+    capturing(pcap);
+    const junk = new Uint8Array([1, 2, 3]);
+    b.engine.transport.queue(udpPeer('127.0.0.2', PORT), junk);
+    await until(() => a.engine.stats.malformed === 1);
+    pcap.close();
+    const records = readPcap(new Uint8Array(readFileSync(file))).records;
+    expect(records).toHaveLength(1);
+    const f = records[0]!.data;
+    expect(f.length).toBe(headersLength(4) + 3);
+    expect(Array.from(f.subarray(headersLength(4)))).toEqual([1, 2, 3]);
+    expect(Array.from(f.subarray(26, 34))).toEqual([127, 0, 0, 3, 127, 0, 0, 2]);
+    expect(pcap.rx).toBe(1);
+  });
+
+  it('does nothing per packet without a capture, and stops recording when it is removed', () => {
+    expect(b.engine.capture).toBeNull();
+    const seen: string[] = [];
+    capturing({ write: (d) => void seen.push(d) });
+    a.engine.capture = null;
+    const [qa] = connect();
+    const src = mr(a, 64);
+    postSend(a, qa, { sges: [src.sge(0, 64)] });
+    expect(a.engine.stats.packetsSent).toBe(1);
+    expect(seen).toEqual([]);
   });
 });

@@ -24,6 +24,7 @@ import { GRH_SIZE, buildGrh } from '../loopback/grh.js';
 import { sliceSges } from '../loopback/message.js';
 import { copyAttrs, receiving } from '../loopback/qp.js';
 import { MAX_TIMER_MS, rnrTimerMs, transportTimeoutMs } from '../loopback/timing.js';
+import { type RoceCapture, captureNowMs } from './capture.js';
 import { Syndrome, syndromeKind, syndromeValue } from './headers.js';
 import { IPV4_DF, type IcrcPath, checkIcrc } from './icrc.js';
 import { Opcode } from './opcodes.js';
@@ -97,6 +98,8 @@ export interface SoftRoceOptions {
   port?: number;
   /** UDP port of peers; default the bound port (rxe: 4791 everywhere). */
   remotePort?: number;
+  /** Sees every datagram sent and received (see capture.ts); the engine does not close it. */
+  capture?: RoceCapture | null;
 }
 
 /** What the engine counts (tests, diagnostics). */
@@ -219,8 +222,11 @@ export class SoftRoceEngine implements Engine {
   private readonly staging = new Uint8Array(STAGING);
   /** Test hook: sees (and may alter) every outgoing datagram before it is queued; returning false drops it. */
   outgoingHook: ((bytes: Uint8Array) => boolean) | null = null;
+  /** Packet capture: every datagram sent and received, malformed ones included; null when off. */
+  capture: RoceCapture | null;
 
   constructor(options: SoftRoceOptions) {
+    this.capture = options.capture ?? null;
     const port = options.port ?? ROCEV2_UDP_PORT;
     this.remotePort = options.remotePort ?? port;
     this.transport = new UdpTransport({ address: options.address, port });
@@ -615,6 +621,7 @@ export class SoftRoceEngine implements Engine {
   private emit(peer: UdpPeer, bytes: Uint8Array): void {
     if (this.outgoingHook !== null && !this.outgoingHook(bytes)) return;
     this.stats.packetsSent++;
+    if (this.capture !== null) this.capture.write('tx', this.transport.local, peer, bytes, captureNowMs());
     this.transport.queue(peer, bytes);
   }
 
@@ -622,6 +629,7 @@ export class SoftRoceEngine implements Engine {
   // Receive
 
   private onBatch(batch: UdpBatch): void {
+    if (this.capture !== null) this.captureBatch(this.capture, batch);
     if (this.host === null || this.suspended) return;
     const local = this.transport.local;
     for (let i = 0; i < batch.count; i++) {
@@ -653,6 +661,19 @@ export class SoftRoceEngine implements Engine {
       else if (transport === TRANSPORT_UC) this.onUcRequest(qp, pkt);
       else if (op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE) this.onResponse(qp, pkt);
       else this.onRequest(qp, pkt);
+    }
+  }
+
+  /** Records every datagram of a batch as received, before any check drops it. */
+  private captureBatch(capture: RoceCapture, batch: UdpBatch): void {
+    const local = this.transport.local;
+    const now = captureNowMs();
+    for (let i = 0; i < batch.count; i++) {
+      const off = batch.offset(i);
+      const len = batch.length(i);
+      const cut = batch.truncated(i);
+      const have = cut ? Math.min(len, batch.slotSize) : len;
+      capture.write('rx', batch.source(i), local, batch.buf.subarray(off, off + have), now, cut ? len : undefined);
     }
   }
 
