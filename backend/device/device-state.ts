@@ -6,7 +6,7 @@
  * nothing.
  */
 import { DeviceError } from '../../virtio/device.js';
-import { QpState, QpType } from '../abi/constants.js';
+import { QpType } from '../abi/constants.js';
 import { Cqe } from '../abi/structs.js';
 import type { AddressVector, Engine } from '../engine/engine.js';
 import { avToJson, hexOf, plainReader, qpAttributesToJson, type Json } from '../engine/plain-data.js';

@@ -3,8 +3,8 @@
  * saved as. Loading treats the data as untrusted: every reader checks type
  * and range and fails with the path of the field ("qps[2].attrs.sqPsn").
  */
-import { QpState, QPN_MASK } from '../abi/constants.js';
-import type { AddressVector, QpAttributes } from './engine.js';
+import { QpState, QPN_MASK, SendOp } from '../abi/constants.js';
+import type { AddressVector, QpAttributes, RecvWr, SendWr, Sge } from './engine.js';
 
 export type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
 
@@ -20,6 +20,37 @@ export function qpAttributesToJson(a: QpAttributes): Json {
   return { ...a, qkey: a.qkey >>> 0, av: avToJson(a.av) };
 }
 
+export function sgesToJson(sges: readonly Sge[]): Json {
+  return sges.map((g) => [g.addr.toString(), g.length, g.lkey]);
+}
+
+export function sendWrToJson(wr: SendWr): Json {
+  return {
+    wrId: wr.wrId.toString(),
+    opcode: wr.opcode,
+    flags: wr.flags,
+    sges: sgesToJson(wr.sges),
+    inline: wr.inline === null ? null : Buffer.from(wr.inline.buffer, wr.inline.byteOffset, wr.inline.byteLength).toString('base64'),
+    length: wr.length,
+    imm: wr.imm >>> 0,
+    remoteAddr: wr.remoteAddr.toString(),
+    rkey: wr.rkey >>> 0,
+    compareAdd: wr.compareAdd.toString(),
+    swap: wr.swap.toString(),
+    ud: wr.ud === null ? null : { av: avToJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
+  };
+}
+
+export function recvWrToJson(wr: RecvWr): Json {
+  return { wrId: wr.wrId.toString(), sges: sgesToJson(wr.sges), length: wr.length };
+}
+
+/** Bounds on saved work requests: what any device could have accepted. */
+const MAX_SGES = 256;
+const MAX_INLINE = 65536;
+const U32 = 0xffff_ffff;
+const SEND_OPS = new Set<number>(Object.values(SendOp).filter((v): v is number => typeof v === 'number'));
+
 export interface PlainReader {
   obj(x: unknown, where: string): Record<string, unknown>;
   arr(x: unknown, where: string, max?: number): unknown[];
@@ -31,6 +62,9 @@ export interface PlainReader {
   bytes(x: unknown, where: string, len: number): Uint8Array;
   av(x: unknown, where: string): AddressVector | null;
   qpAttributes(x: unknown, where: string, bounds: { maxRdAtomic: number; maxPkeyIndex: number }): QpAttributes;
+  sges(x: unknown, where: string): { sges: Sge[]; total: number };
+  sendWr(x: unknown, where: string): SendWr;
+  recvWr(x: unknown, where: string): RecvWr;
 }
 
 /** Readers that throw `fail(where, what)` on the first field that is not what it must be. */
@@ -95,5 +129,59 @@ export function plainReader(fail: (where: string, what: string) => Error): Plain
       av: av(o.av, `${where}.av`),
     };
   };
-  return { obj, arr, int, bool, u64, bytes, av, qpAttributes };
+  const sges = (x: unknown, where: string): { sges: Sge[]; total: number } => {
+    let total = 0;
+    const list = arr(x, where, MAX_SGES).map((e, i) => {
+      const t = arr(e, `${where}[${i}]`);
+      if (t.length !== 3) throw fail(`${where}[${i}]`, 'not [addr, length, lkey]');
+      const length = int(t[1], `${where}[${i}].length`, 0, U32);
+      total += length;
+      return { addr: u64(t[0], `${where}[${i}].addr`), length, lkey: int(t[2], `${where}[${i}].lkey`, 0, U32) };
+    });
+    return { sges: list, total };
+  };
+  const sendWr = (x: unknown, where: string): SendWr => {
+    const o = obj(x, where);
+    const opcode = int(o.opcode, `${where}.opcode`, 0, 255);
+    if (!SEND_OPS.has(opcode)) throw fail(`${where}.opcode`, `${opcode} is not a send opcode`);
+    const { sges: list, total } = sges(o.sges, `${where}.sges`);
+    let inline: Uint8Array | null = null;
+    if (o.inline !== null) {
+      if (typeof o.inline !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(o.inline)) throw fail(`${where}.inline`, 'not base64');
+      inline = new Uint8Array(Buffer.from(o.inline, 'base64'));
+      if (inline.length > MAX_INLINE) throw fail(`${where}.inline`, `${inline.length} bytes`);
+      if (list.length !== 0) throw fail(where, 'both inline data and SGEs');
+    }
+    const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+    if (length !== (inline !== null ? inline.length : total)) throw fail(`${where}.length`, `${length} does not match the data it names`);
+    let ud: SendWr['ud'] = null;
+    if (o.ud !== null) {
+      const u = obj(o.ud, `${where}.ud`);
+      const a = av(u.av, `${where}.ud.av`);
+      if (a === null) throw fail(`${where}.ud.av`, 'missing');
+      ud = { av: a, remoteQpn: int(u.remoteQpn, `${where}.ud.remoteQpn`, 0, QPN_MASK), remoteQkey: int(u.remoteQkey, `${where}.ud.remoteQkey`, 0, U32) };
+    }
+    return {
+      wrId: u64(o.wrId, `${where}.wrId`),
+      opcode: opcode as SendOp,
+      flags: int(o.flags, `${where}.flags`, 0, 0xff),
+      sges: list,
+      inline,
+      length,
+      imm: int(o.imm, `${where}.imm`, 0, U32),
+      remoteAddr: u64(o.remoteAddr, `${where}.remoteAddr`),
+      rkey: int(o.rkey, `${where}.rkey`, 0, U32),
+      compareAdd: u64(o.compareAdd, `${where}.compareAdd`),
+      swap: u64(o.swap, `${where}.swap`),
+      ud,
+    };
+  };
+  const recvWr = (x: unknown, where: string): RecvWr => {
+    const o = obj(x, where);
+    const { sges: list, total } = sges(o.sges, `${where}.sges`);
+    const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
+    if (length !== total) throw fail(`${where}.length`, `${length} is not the sum of its SGEs (${total})`);
+    return { wrId: u64(o.wrId, `${where}.wrId`), sges: list, length };
+  };
+  return { obj, arr, int, bool, u64, bytes, av, qpAttributes, sges, sendWr, recvWr };
 }

@@ -17,8 +17,9 @@
  * device completes itself afterwards. While suspended nothing runs and no
  * timer fires; the state then holds the time each wait has left.
  */
+import { allocateQpn } from '../../engine/qpn.js';
 import { performance } from 'node:perf_hooks';
-import { FIRST_QPN, QPN_MASK, QpState, QpType, WcStatus } from '../../abi/constants.js';
+import { FIRST_QPN, QpState, QpType, WcStatus } from '../../abi/constants.js';
 import type { Engine, EngineHost, MemoryAccess, QpAttributes, QpConfig, RecvWr, SendWr } from '../../engine/engine.js';
 import { type CompleterContext, complete, flush } from './completer.js';
 import { CHUNK, type Message } from './message.js';
@@ -86,22 +87,10 @@ export class LoopbackEngine implements Engine {
 
   createQp(config: QpConfig, wanted: number | null, inUse: (qpn: number) => boolean): number | null {
     if (config.type !== QpType.RC && config.type !== QpType.UC && config.type !== QpType.UD) return null;
-    let qpn: number | null = null;
-    if (wanted !== null) {
-      if (!Number.isInteger(wanted) || wanted < FIRST_QPN || wanted > QPN_MASK || this.qps.has(wanted)) return null;
-      qpn = wanted;
-    } else {
-      const span = QPN_MASK - FIRST_QPN + 1;
-      for (let tries = 0; tries < span; tries++) {
-        const n = this.nextQpn;
-        this.nextQpn = n >= QPN_MASK ? FIRST_QPN : n + 1;
-        if (!this.qps.has(n) && !inUse(n)) {
-          qpn = n;
-          break;
-        }
-      }
-      if (qpn === null) return null;
-    }
+    const got = allocateQpn(wanted, this.nextQpn, (n) => this.qps.has(n) || inUse(n));
+    if (got === null) return null;
+    this.nextQpn = got.cursor;
+    const qpn = got.qpn;
     this.qps.set(qpn, new LoopbackQp(qpn, config.type, config.pdn, config.maxSendWr, config.maxRecvWr));
     return qpn;
   }

@@ -5,18 +5,16 @@
  * retry counts, and a pending wait as the time it had left. Decoding checks
  * every field, so garbage is refused before anything is replaced.
  */
-import { avToJson, hexOf, plainReader, qpAttributesToJson, type Json } from '../../engine/plain-data.js';
+import { plainReader, qpAttributesToJson, recvWrToJson, sendWrToJson, type Json } from '../../engine/plain-data.js';
 import { DeviceError } from '../../../virtio/device.js';
-import { FIRST_QPN, QPN_MASK, QpState, QpType, SendOp, WcStatus } from '../../abi/constants.js';
-import type { AddressVector, QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
+import { FIRST_QPN, QPN_MASK, QpType, WcStatus } from '../../abi/constants.js';
+import type { QpAttributes } from '../../engine/engine.js';
 import { LoopbackQp, type RecvEntry, type SendEntry, type Wait } from './qp.js';
 
 const FORMAT = 'vrdma-loopback-engine';
 const VERSION = 1;
 /** Bounds for what a saved queue may hold (virtqueues have at most 32768 entries). */
 const MAX_QUEUE = 32768;
-const MAX_SGES = 256;
-const MAX_INLINE = 65536;
 /** A saved wait longer than this is garbage (the longest IB timeout is about 2.5 hours). */
 const MAX_WAIT_MS = 1e10;
 
@@ -25,28 +23,7 @@ export interface EngineSnapshot {
   qps: LoopbackQp[];
 }
 
-const hex = hexOf;
 
-function sgesJson(sges: readonly Sge[]): Json {
-  return sges.map((s) => [s.addr.toString(), s.length, s.lkey]);
-}
-
-function sendWrJson(wr: SendWr): Json {
-  return {
-    wrId: wr.wrId.toString(),
-    opcode: wr.opcode,
-    flags: wr.flags,
-    sges: sgesJson(wr.sges),
-    inline: wr.inline === null ? null : Buffer.from(wr.inline.buffer, wr.inline.byteOffset, wr.inline.byteLength).toString('base64'),
-    length: wr.length,
-    imm: wr.imm >>> 0,
-    remoteAddr: wr.remoteAddr.toString(),
-    rkey: wr.rkey >>> 0,
-    compareAdd: wr.compareAdd.toString(),
-    swap: wr.swap.toString(),
-    ud: wr.ud === null ? null : { av: avToJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
-  };
-}
 
 /** Time a wait has left at `now`; null for a wait without end. */
 export function remainingMs(w: Wait, now: number): number | null {
@@ -71,8 +48,8 @@ export function encodeState(s: EngineSnapshot, now: number): Uint8Array {
       flushPending: qp.flushPending,
       badPost: qp.badPost,
       wait: qp.wait === null ? null : { kind: qp.wait.kind, remainingMs: remainingMs(qp.wait, now) },
-      sq: qp.sq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: sendWrJson(e.wr) })),
-      rq: qp.rq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: { wrId: e.wr.wrId.toString(), sges: sgesJson(e.wr.sges), length: e.wr.length } })),
+      sq: qp.sq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: sendWrToJson(e.wr) })),
+      rq: qp.rq.toArray().map((e) => ({ token: e.token, postError: e.postError, wr: recvWrToJson(e.wr) })),
     })),
   };
   return new TextEncoder().encode(JSON.stringify(state));
@@ -88,7 +65,7 @@ export class EngineStateError extends DeviceError {
   }
 }
 
-const { obj, arr, int, bool, u64, bytes: hexBytes, av, qpAttributes } = plainReader((where, what) => new EngineStateError(where, what));
+const { obj, arr, int, bool, qpAttributes, sendWr, recvWr } = plainReader((where, what) => new EngineStateError(where, what));
 
 function attrs(x: unknown, where: string): QpAttributes {
   return qpAttributes(x, where, { maxRdAtomic: 255, maxPkeyIndex: 0xffff });
@@ -103,72 +80,6 @@ function status(x: unknown, where: string): WcStatus | null {
   return v as WcStatus;
 }
 
-function sges(x: unknown, where: string): { sges: Sge[]; total: number } {
-  let total = 0;
-  const list = arr(x, where, MAX_SGES).map((s, i): Sge => {
-    const t = arr(s, `${where}[${i}]`, 3);
-    if (t.length !== 3) throw new EngineStateError(`${where}[${i}]`, 'not [addr, length, lkey]');
-    const length = int(t[1], `${where}[${i}].length`, 0, U32);
-    total += length;
-    return { addr: u64(t[0], `${where}[${i}].addr`), length, lkey: int(t[2], `${where}[${i}].lkey`, 0, U32) };
-  });
-  return { sges: list, total };
-}
-
-const SEND_OPS = new Set<number>([
-  SendOp.RDMA_WRITE,
-  SendOp.RDMA_WRITE_WITH_IMM,
-  SendOp.SEND,
-  SendOp.SEND_WITH_IMM,
-  SendOp.RDMA_READ,
-  SendOp.ATOMIC_CMP_AND_SWP,
-  SendOp.ATOMIC_FETCH_AND_ADD,
-]);
-
-function sendWr(x: unknown, where: string): SendWr {
-  const o = obj(x, where);
-  const opcode = int(o.opcode, `${where}.opcode`, 0, 255);
-  if (!SEND_OPS.has(opcode)) throw new EngineStateError(`${where}.opcode`, `${opcode} is not a supported opcode`);
-  const { sges: list, total } = sges(o.sges, `${where}.sges`);
-  let inline: Uint8Array | null = null;
-  if (o.inline !== null) {
-    if (typeof o.inline !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(o.inline)) throw new EngineStateError(`${where}.inline`, 'not base64');
-    inline = new Uint8Array(Buffer.from(o.inline, 'base64'));
-    if (inline.length > MAX_INLINE) throw new EngineStateError(`${where}.inline`, `${inline.length} bytes`);
-    if (list.length !== 0) throw new EngineStateError(where, 'both inline data and SGEs');
-  }
-  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
-  if (length !== (inline !== null ? inline.length : total)) throw new EngineStateError(`${where}.length`, `${length} does not match the data it names`);
-  let ud: SendWr['ud'] = null;
-  if (o.ud !== null) {
-    const u = obj(o.ud, `${where}.ud`);
-    const a = av(u.av, `${where}.ud.av`);
-    if (a === null) throw new EngineStateError(`${where}.ud.av`, 'missing');
-    ud = { av: a, remoteQpn: int(u.remoteQpn, `${where}.ud.remoteQpn`, 0, QPN_MASK), remoteQkey: int(u.remoteQkey, `${where}.ud.remoteQkey`, 0, U32) };
-  }
-  return {
-    wrId: u64(o.wrId, `${where}.wrId`),
-    opcode: opcode as SendOp,
-    flags: int(o.flags, `${where}.flags`, 0, 0xff),
-    sges: list,
-    inline,
-    length,
-    imm: int(o.imm, `${where}.imm`, 0, U32),
-    remoteAddr: u64(o.remoteAddr, `${where}.remoteAddr`),
-    rkey: int(o.rkey, `${where}.rkey`, 0, U32),
-    compareAdd: u64(o.compareAdd, `${where}.compareAdd`),
-    swap: u64(o.swap, `${where}.swap`),
-    ud,
-  };
-}
-
-function recvWr(x: unknown, where: string): RecvWr {
-  const o = obj(x, where);
-  const { sges: list, total } = sges(o.sges, `${where}.sges`);
-  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
-  if (length !== total) throw new EngineStateError(`${where}.length`, `${length} is not the sum of its SGEs (${total})`);
-  return { wrId: u64(o.wrId, `${where}.wrId`), sges: list, length };
-}
 
 function queue<W>(x: unknown, where: string, parseWr: (x: unknown, where: string) => W): { token: number; wr: W; postError: WcStatus | null }[] {
   const tokens = new Set<number>();

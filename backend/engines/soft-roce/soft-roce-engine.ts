@@ -17,6 +17,7 @@
  * for the receiver; saveState/loadState as versioned plain data (state.ts).
  * Not (yet) here: SEND_WITH_INV, LOCAL_INV, fault injection.
  */
+import { allocateQpn } from '../../engine/qpn.js';
 import { Access, FIRST_QPN, QPN_MASK, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus, mtuBytes } from '../../abi/constants.js';
 import { resetQpAttributes, type AddressVector, type Completion, type Engine, type EngineHost, type MemoryAccess, type QpAttributes, type QpConfig, type RecvWr, type SendWr } from '../../engine/engine.js';
 import { sendCompletion, RNR_RETRY_INFINITE } from '../loopback/completer.js';
@@ -243,22 +244,10 @@ export class SoftRoceEngine implements Engine {
 
   createQp(config: QpConfig, wanted: number | null, inUse: (qpn: number) => boolean): number | null {
     if (config.type !== QpType.RC && config.type !== QpType.UC && config.type !== QpType.UD) return null;
-    let qpn: number | null = null;
-    if (wanted !== null) {
-      if (!Number.isInteger(wanted) || wanted < FIRST_QPN || wanted > QPN_MASK || this.qps.has(wanted)) return null;
-      qpn = wanted;
-    } else {
-      const span = QPN_MASK - FIRST_QPN + 1;
-      for (let tries = 0; tries < span; tries++) {
-        const n = this.nextQpn;
-        this.nextQpn = n >= QPN_MASK ? FIRST_QPN : n + 1;
-        if (!this.qps.has(n) && !inUse(n)) {
-          qpn = n;
-          break;
-        }
-      }
-      if (qpn === null) return null;
-    }
+    const got = allocateQpn(wanted, this.nextQpn, (n) => this.qps.has(n) || inUse(n));
+    if (got === null) return null;
+    this.nextQpn = got.cursor;
+    const qpn = got.qpn;
     this.qps.set(qpn, new RoceQp(qpn, config.type, config.pdn, resetQpAttributes()));
     return qpn;
   }

@@ -8,15 +8,13 @@
  * bad field before anything is replaced.
  */
 import { DeviceError } from '../../../virtio/device.js';
-import { FIRST_QPN, QPN_MASK, QpType, SendOp, WcStatus } from '../../abi/constants.js';
-import type { QpAttributes, RecvWr, SendWr, Sge } from '../../engine/engine.js';
-import { avToJson, plainReader, qpAttributesToJson, type Json } from '../../engine/plain-data.js';
+import { FIRST_QPN, QPN_MASK, QpType, WcStatus } from '../../abi/constants.js';
+import type { QpAttributes, RecvWr, SendWr } from '../../engine/engine.js';
+import { plainReader, qpAttributesToJson, recvWrToJson, sendWrToJson, type Json } from '../../engine/plain-data.js';
 
 const FORMAT = 'vrdma-soft-roce-engine';
 const VERSION = 1;
 const MAX_QUEUE = 32768;
-const MAX_SGES = 256;
-const MAX_INLINE = 65536;
 const MAX_WAIT_MS = 1e10;
 const U32 = 0xffff_ffff;
 const PSN_MAX = 0xff_ffff;
@@ -69,26 +67,6 @@ export interface SoftRoceSnapshot {
   qps: SavedQp[];
 }
 
-function sgesJson(sges: readonly Sge[]): Json {
-  return sges.map((s) => [s.addr.toString(), s.length, s.lkey >>> 0]);
-}
-
-function sendWrJson(wr: SendWr): Json {
-  return {
-    wrId: wr.wrId.toString(),
-    opcode: wr.opcode,
-    flags: wr.flags,
-    sges: sgesJson(wr.sges),
-    inline: wr.inline === null ? null : Buffer.from(wr.inline.buffer, wr.inline.byteOffset, wr.inline.byteLength).toString('base64'),
-    length: wr.length,
-    imm: wr.imm >>> 0,
-    remoteAddr: wr.remoteAddr.toString(),
-    rkey: wr.rkey >>> 0,
-    compareAdd: wr.compareAdd.toString(),
-    swap: wr.swap.toString(),
-    ud: wr.ud === null ? null : { av: avToJson(wr.ud.av), remoteQpn: wr.ud.remoteQpn, remoteQkey: wr.ud.remoteQkey >>> 0 },
-  };
-}
 
 export function encodeState(s: SoftRoceSnapshot): Uint8Array {
   const state: Json = {
@@ -112,8 +90,8 @@ export function encodeState(s: SoftRoceSnapshot): Uint8Array {
       nakSent: q.nakSent,
       inMsg: q.inMsg === null ? null : { ...q.inMsg, va: q.inMsg.va.toString(), rkey: q.inMsg.rkey >>> 0 },
       atomicReplay: q.atomicReplay.map((r) => ({ psn: r.psn, original: r.original.toString() })),
-      sq: q.sq.map((e) => ({ token: e.token, postError: e.postError, firstPsn: e.firstPsn, npkts: e.npkts, sent: e.sent, readPkts: e.readPkts, wr: sendWrJson(e.wr) })),
-      rq: q.rq.map((e) => ({ token: e.token, wr: { wrId: e.wr.wrId.toString(), sges: sgesJson(e.wr.sges), length: e.wr.length } })),
+      sq: q.sq.map((e) => ({ token: e.token, postError: e.postError, firstPsn: e.firstPsn, npkts: e.npkts, sent: e.sent, readPkts: e.readPkts, wr: sendWrToJson(e.wr) })),
+      rq: q.rq.map((e) => ({ token: e.token, wr: recvWrToJson(e.wr) })),
     })),
   };
   return new TextEncoder().encode(JSON.stringify(state));
@@ -126,7 +104,7 @@ export class SoftRoceStateError extends DeviceError {
   }
 }
 
-const { obj, arr, int, bool, u64, av, qpAttributes } = plainReader((where, what) => new SoftRoceStateError(where, what));
+const { obj, arr, int, bool, u64, qpAttributes, sendWr, recvWr } = plainReader((where, what) => new SoftRoceStateError(where, what));
 
 function status(x: unknown, where: string): WcStatus | null {
   if (x === null) return null;
@@ -141,64 +119,6 @@ function waitMs(x: unknown, where: string): number | null {
   return x;
 }
 
-function sges(x: unknown, where: string): { sges: Sge[]; total: number } {
-  let total = 0;
-  const list = arr(x, where, MAX_SGES).map((s, i): Sge => {
-    const t = arr(s, `${where}[${i}]`, 3);
-    if (t.length !== 3) throw new SoftRoceStateError(`${where}[${i}]`, 'not [addr, length, lkey]');
-    const length = int(t[1], `${where}[${i}].length`, 0, U32);
-    total += length;
-    return { addr: u64(t[0], `${where}[${i}].addr`), length, lkey: int(t[2], `${where}[${i}].lkey`, 0, U32) };
-  });
-  return { sges: list, total };
-}
-
-const SEND_OPS = new Set<number>([SendOp.RDMA_WRITE, SendOp.RDMA_WRITE_WITH_IMM, SendOp.SEND, SendOp.SEND_WITH_IMM, SendOp.RDMA_READ, SendOp.ATOMIC_CMP_AND_SWP, SendOp.ATOMIC_FETCH_AND_ADD, SendOp.LOCAL_INV, SendOp.SEND_WITH_INV]);
-
-function sendWr(x: unknown, where: string): SendWr {
-  const o = obj(x, where);
-  const opcode = int(o.opcode, `${where}.opcode`, 0, 255);
-  if (!SEND_OPS.has(opcode)) throw new SoftRoceStateError(`${where}.opcode`, `${opcode} is not a send opcode`);
-  const { sges: list, total } = sges(o.sges, `${where}.sges`);
-  let inline: Uint8Array | null = null;
-  if (o.inline !== null) {
-    if (typeof o.inline !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(o.inline)) throw new SoftRoceStateError(`${where}.inline`, 'not base64');
-    inline = new Uint8Array(Buffer.from(o.inline, 'base64'));
-    if (inline.length > MAX_INLINE) throw new SoftRoceStateError(`${where}.inline`, `${inline.length} bytes`);
-    if (list.length !== 0) throw new SoftRoceStateError(where, 'both inline data and SGEs');
-  }
-  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
-  if (length !== (inline !== null ? inline.length : total)) throw new SoftRoceStateError(`${where}.length`, `${length} does not match the data it names`);
-  let ud: SendWr['ud'] = null;
-  if (o.ud !== null) {
-    const u = obj(o.ud, `${where}.ud`);
-    const a = av(u.av, `${where}.ud.av`);
-    if (a === null) throw new SoftRoceStateError(`${where}.ud.av`, 'missing');
-    ud = { av: a, remoteQpn: int(u.remoteQpn, `${where}.ud.remoteQpn`, 0, QPN_MASK), remoteQkey: int(u.remoteQkey, `${where}.ud.remoteQkey`, 0, U32) };
-  }
-  return {
-    wrId: u64(o.wrId, `${where}.wrId`),
-    opcode: opcode as SendOp,
-    flags: int(o.flags, `${where}.flags`, 0, 0xff),
-    sges: list,
-    inline,
-    length,
-    imm: int(o.imm, `${where}.imm`, 0, U32),
-    remoteAddr: u64(o.remoteAddr, `${where}.remoteAddr`),
-    rkey: int(o.rkey, `${where}.rkey`, 0, U32),
-    compareAdd: u64(o.compareAdd, `${where}.compareAdd`),
-    swap: u64(o.swap, `${where}.swap`),
-    ud,
-  };
-}
-
-function recvWr(x: unknown, where: string): RecvWr {
-  const o = obj(x, where);
-  const { sges: list, total } = sges(o.sges, `${where}.sges`);
-  const length = int(o.length, `${where}.length`, 0, Number.MAX_SAFE_INTEGER);
-  if (length !== total) throw new SoftRoceStateError(`${where}.length`, `${length} is not the sum of its SGEs (${total})`);
-  return { wrId: u64(o.wrId, `${where}.wrId`), sges: list, length };
-}
 
 function tokenOf(o: Record<string, unknown>, where: string, seen: Set<number>): number {
   const token = int(o.token, `${where}.token`, 0, U32);
