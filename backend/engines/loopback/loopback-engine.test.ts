@@ -1,11 +1,11 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestRam } from '../../../virtio/frontend/guest-ram.js';
 import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.js';
-import { Logger } from '../../../virtio/log.js';
 import { Access, FIRST_QPN, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
 import { GuestMemoryAccess } from '../../device/memory-access.js';
 import { type MrRecord, MrTable } from '../../device/mr-table.js';
-import type { AddressVector, Completion, EngineHost, MemoryAccess, QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import type { AddressVector, QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import { RecordingHost, type RecordedCompletion } from '../../engine/recording-host.js';
 import { LoopbackEngine } from './loopback-engine.js';
 
 const RAM_GPA = 0x10_0000;
@@ -17,59 +17,6 @@ const PD = 1;
 const GID_V4 = new Uint8Array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
 const GID_V6 = new Uint8Array([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 const FOREIGN_GID = new Uint8Array([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
-
-interface Done extends Completion {
-  qpn: number;
-  token: number;
-}
-
-/** An EngineHost that records what the engine reports and checks "exactly once per token". */
-class TestHost implements EngineHost {
-  readonly log = new Logger('error');
-  readonly sends: Done[] = [];
-  readonly recvs: Done[] = [];
-  readonly failed: { qpn: number; reason: string }[] = [];
-  readonly violations: string[] = [];
-  readonly outstandingSends = new Set<string>();
-  readonly outstandingRecvs = new Set<string>();
-  memoryAvailable = true;
-
-  constructor(
-    private readonly access: MemoryAccess,
-    readonly gids: (Uint8Array | null)[],
-  ) {}
-
-  get memory(): MemoryAccess {
-    if (!this.memoryAvailable) throw new Error('no guest memory yet');
-    return this.access;
-  }
-
-  sendDone(qpn: number, token: number, c: Completion): void {
-    if (!this.outstandingSends.delete(`${qpn}/${token}`)) this.violations.push(`send ${qpn}/${token} completed but not outstanding`);
-    this.sends.push({ qpn, token, ...c });
-  }
-
-  recvDone(qpn: number, token: number, c: Completion): void {
-    if (!this.outstandingRecvs.delete(`${qpn}/${token}`)) this.violations.push(`recv ${qpn}/${token} completed but not outstanding`);
-    this.recvs.push({ qpn, token, ...c });
-  }
-
-  qpFailed(qpn: number, reason: string): void {
-    this.failed.push({ qpn, reason });
-  }
-
-  gid(index: number): Uint8Array | null {
-    return this.gids[index] ?? null;
-  }
-
-  sendsOf(qpn: number): Done[] {
-    return this.sends.filter((d) => d.qpn === qpn);
-  }
-
-  recvsOf(qpn: number): Done[] {
-    return this.recvs.filter((d) => d.qpn === qpn);
-  }
-}
 
 /** An MR with scattered pages and helpers that find its bytes by walking the page list. */
 interface TestMr {
@@ -87,7 +34,7 @@ interface Rig {
   memory: GuestMemory;
   mrs: MrTable;
   access: GuestMemoryAccess;
-  host: TestHost;
+  host: RecordingHost;
   engine: LoopbackEngine;
 }
 
@@ -100,7 +47,7 @@ function makeRig(): Rig {
   memory.replace([new MappedRegion(ram.gpa, ram.size, ram.userAddr, 0, ram.buffer, null)]);
   const mrs = new MrTable(256, memory, 1n << 30n);
   const access = new GuestMemoryAccess(mrs, memory);
-  const host = new TestHost(access, [GID_V4, GID_V6]);
+  const host = new RecordingHost(access, [GID_V4, GID_V6]);
   const engine = new LoopbackEngine();
   engine.attach(host);
   return { ram, memory, mrs, access, host, engine };
@@ -291,7 +238,7 @@ function same(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
 
-function summary(d: Done): Partial<Done> {
+function summary(d: RecordedCompletion): Partial<RecordedCompletion> {
   return { token: d.token, status: d.status, opcode: d.opcode };
 }
 

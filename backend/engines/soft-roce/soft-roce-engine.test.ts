@@ -4,11 +4,11 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestRam } from '../../../virtio/frontend/guest-ram.js';
 import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.js';
-import { Logger } from '../../../virtio/log.js';
 import { Access, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
 import { GuestMemoryAccess } from '../../device/memory-access.js';
 import { MrTable } from '../../device/mr-table.js';
-import type { Completion, EngineHost, MemoryAccess, QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import type { QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import { RecordingHost } from '../../engine/recording-host.js';
 import { PcapCapture, type RoceCapture } from './capture.js';
 import { FrameInfo, headersLength, parseFrame } from './frame.js';
 import { checkIcrc } from './icrc.js';
@@ -24,44 +24,11 @@ const PAGE = 4096;
 const PD = 1;
 const ALL = Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC;
 
-interface Done extends Completion {
-  qpn: number;
-  token: number;
-}
-
-class TestHost implements EngineHost {
-  readonly log = new Logger('error');
-  readonly sends: Done[] = [];
-  readonly recvs: Done[] = [];
-  readonly failed: { qpn: number; reason: string }[] = [];
-  readonly violations: string[] = [];
-  readonly outSends = new Set<string>();
-  readonly outRecvs = new Set<string>();
-  constructor(
-    readonly memory: MemoryAccess,
-    private readonly gids: Uint8Array[],
-  ) {}
-  sendDone(qpn: number, token: number, c: Completion): void {
-    if (!this.outSends.delete(`${qpn}/${token}`)) this.violations.push(`send ${qpn}/${token} not outstanding`);
-    this.sends.push({ qpn, token, ...c });
-  }
-  recvDone(qpn: number, token: number, c: Completion): void {
-    if (!this.outRecvs.delete(`${qpn}/${token}`)) this.violations.push(`recv ${qpn}/${token} not outstanding`);
-    this.recvs.push({ qpn, token, ...c });
-  }
-  qpFailed(qpn: number, reason: string): void {
-    this.failed.push({ qpn, reason });
-  }
-  gid(index: number): Uint8Array | null {
-    return this.gids[index] ?? null;
-  }
-}
-
 interface Side {
   ram: GuestRam;
   memory: GuestMemory;
   mrs: MrTable;
-  host: TestHost;
+  host: RecordingHost;
   engine: SoftRoceEngine;
   gid: Uint8Array;
 }
@@ -86,7 +53,7 @@ function side(address: string): Side {
   memory.replace([new MappedRegion(ram.gpa, ram.size, ram.userAddr, 0, ram.buffer, null)]);
   const mrs = new MrTable(64, memory, 1n << 30n);
   const gid = ipv4Gid(address);
-  const host = new TestHost(new GuestMemoryAccess(mrs, memory), [gid]);
+  const host = new RecordingHost(new GuestMemoryAccess(mrs, memory), [gid]);
   const engine = new SoftRoceEngine({ address, port: PORT });
   engine.attach(host);
   return { ram, memory, mrs, host, engine, gid };
@@ -194,14 +161,14 @@ function wr(over: Partial<SendWr>): SendWr {
 
 function postSend(s: Side, qpn: number, over: Partial<SendWr>): number {
   const t = token++;
-  s.host.outSends.add(`${qpn}/${t}`);
+  s.host.outstandingSends.add(`${qpn}/${t}`);
   s.engine.postSend(qpn, wr(over), t);
   return t;
 }
 
 function postRecv(s: Side, qpn: number, sges: Sge[]): number {
   const t = token++;
-  s.host.outRecvs.add(`${qpn}/${t}`);
+  s.host.outstandingRecvs.add(`${qpn}/${t}`);
   s.engine.postRecv(qpn, { wrId: 0n, sges, length: sges.reduce((n, x) => n + x.length, 0) }, t);
   return t;
 }
@@ -475,10 +442,6 @@ describe('SoftRoceEngine RC over UDP', () => {
     expect(checkIcrc(path, seen[0]!, 0, seen[0]!.length)).toBe(true);
   });
 });
-
-function u64le(b: Uint8Array): bigint {
-  return new DataView(b.buffer, b.byteOffset, 8).getBigUint64(0, true);
-}
 
 function le64(v: bigint): Uint8Array {
   const out = new Uint8Array(8);
