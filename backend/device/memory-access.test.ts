@@ -1,11 +1,12 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { registerScatteredMr, type ScatteredMr } from './scattered-mr.js';
 import { GuestRam } from '../../virtio/frontend/guest-ram.js';
 import { DirtyLog } from '../../virtio/memory/dirty-log.js';
 import { GuestMemory, MappedRegion } from '../../virtio/memory/guest-memory.js';
 import { Access, WcStatus } from '../abi/constants.js';
 import type { Sge } from '../engine/engine.js';
 import { GuestMemoryAccess } from './memory-access.js';
-import { type MrRecord, MrTable } from './mr-table.js';
+import { MrTable } from './mr-table.js';
 
 const RAM_GPA = 0x10_0000;
 const RAM_SIZE = 16 << 20;
@@ -33,48 +34,9 @@ afterEach(() => {
 });
 
 /** An MR whose pages are scattered (out of order, never adjacent), with helpers that find its bytes by walking the page list. */
-interface TestMr {
-  mr: MrRecord;
-  iova: bigint;
-  pages: number[];
-  /** Guest-physical address of MR byte `off`. */
-  gpa(off: number): number;
-  write(off: number, bytes: Uint8Array): void;
-  read(off: number, len: number): Uint8Array;
-}
 
-function makeMr(length: number, acc: number, opts: { pdn?: number; iova?: bigint; contiguous?: boolean } = {}): TestMr {
-  const iova = opts.iova ?? 0x7fff_0000_0000_0321n;
-  const first = Number(iova % 4096n);
-  const n = Math.ceil((first + length) / PAGE);
-  const base = ram.alloc((2 * n + 1) * PAGE, PAGE);
-  const pages = Array.from({ length: n }, (_, i) => (opts.contiguous ? base + i * PAGE : base + PAGE * ((2 * n - 2 * i) % (2 * n + 1))));
-  const list = ram.alloc(n * 8, 8);
-  const dv = new DataView(ram.buffer, list - ram.gpa, n * 8);
-  pages.forEach((p, i) => dv.setBigUint64(i * 8, BigInt(p), true));
-  const mr = mrs.register(opts.pdn ?? 1, acc, iova, BigInt(length), BigInt(list), n);
-  const gpa = (off: number): number => pages[Math.floor((first + off) / PAGE)]! + ((first + off) % PAGE);
-  const each = (off: number, len: number, fn: (gpa: number, at: number, n: number) => void): void => {
-    let at = 0;
-    while (at < len) {
-      const g = gpa(off + at);
-      const k = Math.min(len - at, PAGE - (g % PAGE));
-      fn(g, at, k);
-      at += k;
-    }
-  };
-  return {
-    mr,
-    iova,
-    pages,
-    gpa,
-    write: (off, bytes) => each(off, bytes.length, (g, at, k) => ram.bytes(g, k).set(bytes.subarray(at, at + k))),
-    read: (off, len) => {
-      const out = new Uint8Array(len);
-      each(off, len, (g, at, k) => out.set(ram.bytes(g, k), at));
-      return out;
-    },
-  };
+function makeMr(length: number, acc: number, opts: { pdn?: number; iova?: bigint; contiguous?: boolean } = {}): ScatteredMr {
+  return registerScatteredMr(ram, mrs, length, acc, { pdn: opts.pdn ?? 1, iova: opts.iova ?? 0x7fff_0000_0000_0321n, ...(opts.contiguous !== undefined ? { contiguous: opts.contiguous } : {}) });
 }
 
 function pattern(len: number, seed = 1): Uint8Array {
@@ -87,7 +49,7 @@ function pattern(len: number, seed = 1): Uint8Array {
   return b;
 }
 
-const sge = (m: TestMr, off: number, length: number, lkey = m.mr.lkey): Sge => ({ addr: m.iova + BigInt(off), length, lkey });
+const sge = (m: ScatteredMr, off: number, length: number, lkey = m.mr.lkey): Sge => ({ addr: m.iova + BigInt(off), length, lkey });
 
 describe('local access (gather, scatter)', () => {
   it('scatters and gathers across page boundaries of non-contiguous pages', () => {

@@ -3,9 +3,10 @@ import { GuestRam } from '../../../virtio/frontend/guest-ram.js';
 import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.js';
 import { Access, FIRST_QPN, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
 import { GuestMemoryAccess } from '../../device/memory-access.js';
-import { type MrRecord, MrTable } from '../../device/mr-table.js';
+import { MrTable } from '../../device/mr-table.js';
 import type { AddressVector, QpAttributes, SendWr, Sge } from '../../engine/engine.js';
 import { RecordingHost, type RecordedCompletion } from '../../engine/recording-host.js';
+import { registerScatteredMr, type ScatteredMr } from '../../device/scattered-mr.js';
 import { LoopbackEngine } from './loopback-engine.js';
 
 const RAM_GPA = 0x10_0000;
@@ -19,15 +20,6 @@ const GID_V6 = new Uint8Array([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
 const FOREIGN_GID = new Uint8Array([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99]);
 
 /** An MR with scattered pages and helpers that find its bytes by walking the page list. */
-interface TestMr {
-  mr: MrRecord;
-  iova: bigint;
-  length: number;
-  pages: number[];
-  write(off: number, bytes: Uint8Array): void;
-  read(off: number, len: number): Uint8Array;
-  sge(off: number, len: number): Sge;
-}
 
 interface Rig {
   ram: GuestRam;
@@ -81,51 +73,10 @@ let iovaBase = 0x5000_0000_0000n;
  * Registers an MR of `length` bytes whose pages are out of order and never
  * adjacent; more than 512 pages use a two-level list.
  */
-function mr(length: number, acc: number, opts: { pdn?: number; contiguous?: boolean } = {}): TestMr {
+function mr(length: number, acc: number, opts: { pdn?: number; contiguous?: boolean } = {}): ScatteredMr {
   const iova = iovaBase + 0x123n;
   iovaBase += 0x1_0000_0000n;
-  const first = 0x123;
-  const n = Math.ceil((first + length) / PAGE);
-  const span = opts.contiguous ? n : 2 * n + 1;
-  const base = r.ram.alloc(span * PAGE, PAGE);
-  const pages = Array.from({ length: n }, (_, i) => (opts.contiguous ? base + i * PAGE : base + PAGE * ((2 * n - 2 * i) % (2 * n + 1))));
-  const writeArray = (entries: number[]): number => {
-    const at = r.ram.alloc(entries.length * 8, 8);
-    const dv = new DataView(r.ram.buffer, at - r.ram.gpa, entries.length * 8);
-    entries.forEach((p, i) => dv.setBigUint64(i * 8, BigInt(p), true));
-    return at;
-  };
-  let list: number;
-  if (n <= 512) list = writeArray(pages);
-  else {
-    const l2: number[] = [];
-    for (let i = 0; i < n; i += 512) l2.push(writeArray(pages.slice(i, i + 512)));
-    list = writeArray(l2);
-  }
-  const rec = r.mrs.register(opts.pdn ?? PD, acc, iova, BigInt(length), BigInt(list), n);
-  const gpa = (off: number): number => pages[Math.floor((first + off) / PAGE)]! + ((first + off) % PAGE);
-  const each = (off: number, len: number, fn: (g: number, at: number, k: number) => void): void => {
-    let at = 0;
-    while (at < len) {
-      const g = gpa(off + at);
-      const k = Math.min(len - at, PAGE - (g % PAGE));
-      fn(g, at, k);
-      at += k;
-    }
-  };
-  return {
-    mr: rec,
-    iova,
-    length,
-    pages,
-    write: (off, bytes) => each(off, bytes.length, (g, at, k) => r.ram.bytes(g, k).set(bytes.subarray(at, at + k))),
-    read: (off, len) => {
-      const out = new Uint8Array(len);
-      each(off, len, (g, at, k) => out.set(r.ram.bytes(g, k), at));
-      return out;
-    },
-    sge: (off, len) => ({ addr: iova + BigInt(off), length: len, lkey: rec.lkey }),
-  };
+  return registerScatteredMr(r.ram, r.mrs, length, acc, { pdn: opts.pdn ?? PD, iova, ...(opts.contiguous !== undefined ? { contiguous: opts.contiguous } : {}) });
 }
 
 const LOCAL = Access.LOCAL_WRITE;
@@ -361,7 +312,7 @@ describe('RC', () => {
     const word = new DataView(new ArrayBuffer(8));
     word.setBigUint64(0, 100n, true);
     remote.write(0xdd, new Uint8Array(word.buffer));
-    const read = (m: TestMr, off: number): bigint => new DataView(m.read(off, 8).buffer).getBigUint64(0, true);
+    const read = (m: ScatteredMr, off: number): bigint => new DataView(m.read(off, 8).buffer).getBigUint64(0, true);
     postSend(a, { opcode: SendOp.ATOMIC_CMP_AND_SWP, sges: [local.sge(0, 8)], remoteAddr: at, rkey: remote.mr.rkey, compareAdd: 100n, swap: 7n });
     postSend(a, { opcode: SendOp.ATOMIC_CMP_AND_SWP, sges: [local.sge(8, 8)], remoteAddr: at, rkey: remote.mr.rkey, compareAdd: 100n, swap: 8n });
     postSend(a, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(16, 8)], remoteAddr: at, rkey: remote.mr.rkey, compareAdd: (1n << 64n) - 1n });
