@@ -65,27 +65,6 @@ export interface ControlHooks {
 
 const EMPTY = new Uint8Array(0);
 
-/** What each command writes after ctrl_status when it succeeds (checked before it runs). */
-const RESPONSE_SIZES = new Map<number, number>([
-  [Cmd.QUERY_DEVICE, QueryDeviceResp.size],
-  [Cmd.QUERY_PORT, QueryPortResp.size],
-  [Cmd.QUERY_GID, QueryGidResp.size],
-  [Cmd.QUERY_PKEY, QueryPkeyResp.size],
-  [Cmd.CREATE_PD, CreatePdResp.size],
-  [Cmd.DESTROY_PD, 0],
-  [Cmd.CREATE_CQ, CreateCqResp.size],
-  [Cmd.DESTROY_CQ, 0],
-  [Cmd.REQ_NOTIFY_CQ, 0],
-  [Cmd.REG_MR, MrResp.size],
-  [Cmd.GET_DMA_MR, MrResp.size],
-  [Cmd.DEREG_MR, 0],
-  [Cmd.CREATE_QP, CreateQpResp.size],
-  [Cmd.MODIFY_QP, 0],
-  [Cmd.QUERY_QP, QueryQpResp.size],
-  [Cmd.DESTROY_QP, 0],
-  [Cmd.CREATE_AH, CreateAhResp.size],
-  [Cmd.DESTROY_AH, 0],
-]);
 
 function need<S extends StructShape>(s: Struct<S>, body: Uint8Array): StructValue<S> {
   if (body.byteLength < s.size) throw new ControlError(Status.E2BIG, `${s.name} needs ${s.size} bytes, got ${body.byteLength}`);
@@ -105,6 +84,11 @@ export function encodeAv(av: AddressVector | null): Uint8Array {
   return AhAttr.encodeBytes({ ...AhAttr.zero(), dgid: av.dgid, flow_label: av.flowLabel, sgid_index: av.sgidIndex, hop_limit: av.hopLimit, traffic_class: av.trafficClass, sl: av.sl, port_num: 1 });
 }
 
+interface Command {
+  respSize: number;
+  run: (body: Uint8Array) => Uint8Array;
+}
+
 export class ControlPlane {
   constructor(
     private readonly res: Resources,
@@ -116,52 +100,41 @@ export class ControlPlane {
     private readonly hooks: ControlHooks,
   ) {}
 
+  /**
+   * Every command: the bytes its success writes after ctrl_status (checked
+   * before it runs, so a command that could not report has no effect) and
+   * its handler.
+   */
+  private readonly commands: ReadonlyMap<number, Command> = new Map<number, Command>([
+    [Cmd.QUERY_DEVICE, { respSize: QueryDeviceResp.size, run: () => this.queryDevice() }],
+    [Cmd.QUERY_PORT, { respSize: QueryPortResp.size, run: (b) => this.queryPort(b) }],
+    [Cmd.QUERY_GID, { respSize: QueryGidResp.size, run: (b) => this.queryGid(b) }],
+    [Cmd.QUERY_PKEY, { respSize: QueryPkeyResp.size, run: (b) => this.queryPkey(b) }],
+    [Cmd.CREATE_PD, { respSize: CreatePdResp.size, run: () => this.createPd() }],
+    [Cmd.DESTROY_PD, { respSize: 0, run: (b) => this.destroyPd(b) }],
+    [Cmd.CREATE_CQ, { respSize: CreateCqResp.size, run: (b) => this.createCq(b) }],
+    [Cmd.DESTROY_CQ, { respSize: 0, run: (b) => this.destroyCq(b) }],
+    [Cmd.REQ_NOTIFY_CQ, { respSize: 0, run: (b) => this.reqNotifyCq(b) }],
+    [Cmd.REG_MR, { respSize: MrResp.size, run: (b) => this.regMr(b) }],
+    [Cmd.GET_DMA_MR, { respSize: MrResp.size, run: (b) => this.getDmaMr(b) }],
+    [Cmd.DEREG_MR, { respSize: 0, run: (b) => this.deregMr(b) }],
+    [Cmd.CREATE_QP, { respSize: CreateQpResp.size, run: (b) => this.createQp(b) }],
+    [Cmd.MODIFY_QP, { respSize: 0, run: (b) => this.modifyQp(b) }],
+    [Cmd.QUERY_QP, { respSize: QueryQpResp.size, run: (b) => this.queryQp(b) }],
+    [Cmd.DESTROY_QP, { respSize: 0, run: (b) => this.destroyQp(b) }],
+    [Cmd.CREATE_AH, { respSize: CreateAhResp.size, run: (b) => this.createAh(b) }],
+    [Cmd.DESTROY_AH, { respSize: 0, run: (b) => this.destroyAh(b) }],
+  ]);
+
   /** Bytes of the response a successful `cmd` writes, or null for an unknown command. */
-  static responseSize(cmd: number): number | null {
-    return RESPONSE_SIZES.get(cmd) ?? null;
+  responseSize(cmd: number): number | null {
+    return this.commands.get(cmd)?.respSize ?? null;
   }
 
   run(cmd: number, body: Uint8Array): Uint8Array {
-    switch (cmd as Cmd) {
-      case Cmd.QUERY_DEVICE:
-        return this.queryDevice();
-      case Cmd.QUERY_PORT:
-        return this.queryPort(body);
-      case Cmd.QUERY_GID:
-        return this.queryGid(body);
-      case Cmd.QUERY_PKEY:
-        return this.queryPkey(body);
-      case Cmd.CREATE_PD:
-        return this.createPd();
-      case Cmd.DESTROY_PD:
-        return this.destroyPd(body);
-      case Cmd.CREATE_CQ:
-        return this.createCq(body);
-      case Cmd.DESTROY_CQ:
-        return this.destroyCq(body);
-      case Cmd.REQ_NOTIFY_CQ:
-        return this.reqNotifyCq(body);
-      case Cmd.REG_MR:
-        return this.regMr(body);
-      case Cmd.GET_DMA_MR:
-        return this.getDmaMr(body);
-      case Cmd.DEREG_MR:
-        return this.deregMr(body);
-      case Cmd.CREATE_QP:
-        return this.createQp(body);
-      case Cmd.MODIFY_QP:
-        return this.modifyQp(body);
-      case Cmd.QUERY_QP:
-        return this.queryQp(body);
-      case Cmd.DESTROY_QP:
-        return this.destroyQp(body);
-      case Cmd.CREATE_AH:
-        return this.createAh(body);
-      case Cmd.DESTROY_AH:
-        return this.destroyAh(body);
-      default:
-        throw new ControlError(Status.EOPNOTSUPP, `unknown command ${cmd}`);
-    }
+    const c = this.commands.get(cmd);
+    if (c === undefined) throw new ControlError(Status.EOPNOTSUPP, `unknown command ${cmd}`);
+    return c.run(body);
   }
 
   // --- queries ---------------------------------------------------------------

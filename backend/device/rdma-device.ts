@@ -291,7 +291,7 @@ export class RdmaDevice implements VirtioDevice {
     try {
       if (n < CtrlHeader.size) throw new ControlError(Status.E2BIG, `request of ${n} bytes has no header`);
       cmd = CtrlHeader.decodeBytes(req).cmd;
-      const respSize = ControlPlane.responseSize(cmd);
+      const respSize = this.control!.responseSize(cmd);
       if (respSize === null) throw new ControlError(Status.EOPNOTSUPP, `unknown command ${cmd}`);
       // Checked before running, so a command that cannot report its result has no effect.
       if (c.writableBytes < CtrlStatus.size + respSize) {
