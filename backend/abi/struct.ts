@@ -27,6 +27,7 @@ export class AbiError extends Error {
 export class Struct<S extends StructShape> {
   readonly size: number;
   private readonly offsets: number[];
+  private zeroValue: StructValue<S> | undefined;
 
   constructor(
     readonly name: string,
@@ -113,8 +114,16 @@ export class Struct<S extends StructShape> {
     return out;
   }
 
-  /** A value with every field zero; convenient for building requests. */
+  /**
+   * A value with every field zero; convenient for building requests. The
+   * device builds one per CQE, so the zero value is made once and copied
+   * (byte fields get fresh arrays: callers may fill them in).
+   */
   zero(): StructValue<S> {
-    return this.decode(new DataView(new ArrayBuffer(this.size)));
+    this.zeroValue ??= this.decode(new DataView(new ArrayBuffer(this.size)));
+    const out: Record<string, unknown> = { ...this.zeroValue };
+    for (const [field, t] of this.fields) if (typeof t !== 'string') out[field] = new Uint8Array(t.bytes);
+    return out as StructValue<S>;
   }
+
 }
