@@ -522,8 +522,15 @@ export class RdmaDevice implements VirtioDevice {
   private writeCqe(cqn: number, cqe: CqeValue, solicited: boolean): void {
     const cq = this.res!.cqs.get(cqn);
     if (cq === undefined || cq.error) return;
-    cq.backlog.push({ cqe, wake: solicited || cqe.status !== WcStatus.SUCCESS });
-    if (!this.ctx!.isRunning(cqVq(cq.slot))) {
+    const wake = solicited || cqe.status !== WcStatus.SUCCESS;
+    const running = this.ctx!.isRunning(cqVq(cq.slot));
+    if (running && cq.backlog.length === 0) {
+      // The common case: nothing waiting, write it now (putCqe applies the reserve rule).
+      this.putCqe(cq, cqe, wake);
+      return;
+    }
+    cq.backlog.push({ cqe, wake });
+    if (!running) {
       if (cq.backlog.length > cq.cqe) this.overflow(cq, cqe.qp_num);
       return;
     }
