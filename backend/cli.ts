@@ -22,7 +22,7 @@ import { ROCEV2_UDP_PORT } from './engines/soft-roce/udp-transport.js';
 import type { Engine } from './engine/engine.js';
 import { gidFromAddress } from './gid.js';
 import { numQueues } from './abi/constants.js';
-import { DEFAULT_LIMITS, type RdmaLimits } from './device/limits.js';
+import { DEFAULT_LIMITS, resolveLimits, type RdmaLimits } from './device/limits.js';
 
 const DEVICES = ['rdma', 'rng', 'echo'] as const;
 type DeviceName = (typeof DEVICES)[number];
@@ -94,13 +94,10 @@ function makeEngine(rdma: RdmaArgs, log: Logger, cleanup: Cleanup): Engine {
 function makeDevice(name: DeviceName, log: Logger, rdma: RdmaArgs, cleanup: Cleanup): { device: VirtioDevice; qemuDevice: string | null; summary: () => string } {
   switch (name) {
     case 'rdma': {
+      const limits = { ...rdma.limits, numCqSlots: rdma.cqSlots, numQpSlots: rdma.qpSlots, maxCq: rdma.cqSlots, maxQp: rdma.qpSlots };
+      resolveLimits(limits); // refuse impossible limits before the engine binds its socket
       const engine = makeEngine(rdma, log, cleanup);
-      const d = new RdmaDevice({
-        engine,
-        log: log.child('rdma'),
-        gids: rdma.gids.map(gidFromAddress),
-        limits: { ...rdma.limits, numCqSlots: rdma.cqSlots, numQpSlots: rdma.qpSlots, maxCq: rdma.cqSlots, maxQp: rdma.qpSlots },
-      });
+      const d = new RdmaDevice({ engine, log: log.child('rdma'), gids: rdma.gids.map(gidFromAddress), limits });
       return {
         device: d,
         qemuDevice: `vhost-user-rdma-pci,chardev=vrdma0,cq-slots=${rdma.cqSlots},qp-slots=${rdma.qpSlots}`,
@@ -181,9 +178,9 @@ await yargs(hideBin(process.argv))
         .option('engine', {
           alias: 'e',
           choices: ENGINES,
-          default: 'loopback' as EngineName,
+          default: 'soft-roce' as EngineName,
           describe:
-            'RDMA engine: loopback (QPs of this device talk to each other) or soft-roce (RoCEv2 over UDP to other hosts/devices, binding the first --gid, which must be IPv4; RC SEND/WRITE/READ)',
+            'RDMA engine: soft-roce (RoCEv2 over UDP, wire-compatible with Linux rdma_rxe; binds the first --gid, which must be an IPv4 address of this host) or loopback (QPs of this device talk only to each other; no network)',
         })
         .option('roce-port', { type: 'number', default: ROCEV2_UDP_PORT, describe: 'soft-roce: UDP port to bind and to send to (RoCEv2 is 4791; use another to run two engines on one address)' })
         .option('pcap', { type: 'string', describe: 'soft-roce: record every RoCEv2 packet sent and received (malformed ones too) in this pcap file, as Ethernet/IPv4/UDP frames, for tshark/Wireshark' })

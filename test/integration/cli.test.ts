@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readPcap } from '../../backend/engines/soft-roce/pcap.js';
 import { BackendProcess, CLI } from '../support/backend-process.js';
+import { randomRocePort } from '../../guest-driver-tests/harness.js';
 
 describe('vrdma serve', () => {
   it('explains its options for a QEMU user', () => {
@@ -19,7 +20,7 @@ describe('vrdma serve', () => {
 
   it('prints QEMU arguments that match its slots, for the project device and for stock QEMU', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
-    const b = new BackendProcess(['serve', '--socket', join(dir, 's.sock'), '--cq-slots', '4', '--qp-slots', '8', '--gid', '127.0.0.2']);
+    const b = new BackendProcess(['serve', '--socket', join(dir, 's.sock'), '--cq-slots', '4', '--qp-slots', '8', '--gid', '127.0.0.2', '--roce-port', String(randomRocePort())]);
     try {
       await b.waitFor(/listening on/);
       expect(b.output).toContain('-device vhost-user-rdma-pci,chardev=vrdma0,cq-slots=4,qp-slots=8');
@@ -64,7 +65,7 @@ describe('vrdma serve', () => {
     const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
     try {
       const file = join(dir, 'x.pcap');
-      const r = spawnSync(process.execPath, [CLI, 'serve', '--socket', join(dir, 's.sock'), '--pcap', file], { encoding: 'utf8' });
+      const r = spawnSync(process.execPath, [CLI, 'serve', '--engine', 'loopback', '--socket', join(dir, 's.sock'), '--pcap', file], { encoding: 'utf8' });
       expect(r.status).toBe(2);
       expect(r.stderr).toMatch(/^vrdma: --pcap records the soft-roce engine's RoCEv2 datagrams; the loopback engine sends none/m);
       expect(r.stderr.trim().split('\n'), 'one line').toHaveLength(1);

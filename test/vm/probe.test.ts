@@ -16,6 +16,7 @@ import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { BackendProcess } from '../support/backend-process.js';
+import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { guestImage, runInGuest } from './guest.js';
 
 const QEMU =
@@ -87,7 +88,7 @@ describe('virtio_rdma_probe.ko (guest kernel module) on vhost-user-rdma-pci + vr
     socket = join(dir, 'rdma.sock');
     backend = new BackendProcess([
       'serve', '--device', 'rdma', '--socket', socket,
-      '--cq-slots', String(CQ_SLOTS), '--qp-slots', String(QP_SLOTS), '--log-level', 'debug',
+      '--cq-slots', String(CQ_SLOTS), '--qp-slots', String(QP_SLOTS), '--roce-port', String(randomRocePort()), '--log-level', 'debug',
     ]);
     await backend.waitFor(/listening on/);
   });

@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Qmp, migrate } from './qmp.js';
 import { BackendProcess } from '../support/backend-process.js';
+import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { runInGuest, startGuest, type RunningGuest } from './guest.js';
 
 const QEMU =
@@ -188,8 +189,9 @@ function deviceArgs(socket: string, extra = ''): string[] {
   return ['-chardev', `socket,id=vrdma0,path=${socket}`, '-device', `vhost-user-rdma-pci,chardev=vrdma0,cq-slots=${CQ_SLOTS},qp-slots=${QP_SLOTS}${extra}`];
 }
 
+/** Each back-end gets its own RoCEv2 port: source and destination run side by side during a migration. */
 function serveArgs(socket: string, gid = '127.0.0.1'): string[] {
-  return ['serve', '--device', 'rdma', '--socket', socket, '--cq-slots', String(CQ_SLOTS), '--qp-slots', String(QP_SLOTS), '--gid', gid, '--log-level', 'debug'];
+  return ['serve', '--device', 'rdma', '--socket', socket, '--cq-slots', String(CQ_SLOTS), '--qp-slots', String(QP_SLOTS), '--gid', gid, '--roce-port', String(randomRocePort()), '--log-level', 'debug'];
 }
 
 describe('vhost-user-rdma-pci (patched QEMU 10.0) with vrdma serve --device rdma', () => {
@@ -312,7 +314,7 @@ describe('vhost-user-rdma-pci (patched QEMU 10.0) with vrdma serve --device rdma
     const dstSocket = join(dir, 'rdma-dst.sock');
     // GIDs belong to the host, not to the migrated state: the guest sees the
     // destination's GID once it runs there.
-    const dstBackend = new BackendProcess(serveArgs(dstSocket, '10.2.2.2'));
+    const dstBackend = new BackendProcess(serveArgs(dstSocket, '127.2.2.2'));
     const qmpSock = join(dir, 'qmp.sock');
     const dstQmpSock = join(dir, 'qmp-dst.sock');
     const incoming = join(dir, 'migrate.sock');
@@ -363,10 +365,10 @@ describe('vhost-user-rdma-pci (patched QEMU 10.0) with vrdma serve --device rdma
       expect(out).toMatch(/MIGRATED after \d+ polls/);
       const destroys = cmdResults(out, DESTROY_PD);
       expect(destroys.map((d) => d.status)).toEqual([0, 2]);
-      // GID 0 is ::ffff:127.0.0.1 on the source, ::ffff:10.2.2.2 on the destination (last word, network order)
+      // GID 0 is ::ffff:127.0.0.1 on the source, ::ffff:127.2.2.2 on the destination (last word, network order)
       const gids = [...cmdResults(src.console, QUERY_GID), ...cmdResults(out, QUERY_GID)].map((g) => g.resp[3]);
       expect(gids[0]).toBe(0x0100007f); // 127.0.0.1 (the source back-end's default)
-      expect(gids[gids.length - 1]).toBe(0x0202020a);
+      expect(gids[gids.length - 1]).toBe(0x0202027f);
 
       await backend.waitFor(/device state saved: \d+ bytes/);
       expect(backend.output).toMatch(/features acked 0x[0-9a-f]+ \(dirty logging on\)/); // RAM copy with vhost's dirty log
