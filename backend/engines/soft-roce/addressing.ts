@@ -1,0 +1,53 @@
+/**
+ * GIDs as IP addresses, and the IP/UDP fields the ICRC covers for a pair of
+ * endpoints (rxe sends IPv4 with DF set and IP ID 0, reference §6).
+ */
+import { IPV4_DF, type IcrcPath } from './icrc.js';
+import { udpPeer, type UdpPeer } from './udp-transport.js';
+
+/** The IPv4 address of an IPv4-mapped GID (::ffff:a.b.c.d), or the IPv6 text of any other GID. */
+export function gidToAddress(gid: Uint8Array): string {
+  if (gid.length !== 16) throw new RangeError('a GID has 16 bytes');
+  let mapped = gid[10] === 0xff && gid[11] === 0xff;
+  for (let i = 0; i < 10 && mapped; i++) if (gid[i] !== 0) mapped = false;
+  if (mapped) return `${gid[12]}.${gid[13]}.${gid[14]}.${gid[15]}`;
+  const groups: string[] = [];
+  for (let i = 0; i < 16; i += 2) groups.push(((gid[i]! << 8) | gid[i + 1]!).toString(16));
+  return groups.join(':');
+}
+
+/** The IPv4-mapped GID of an IPv4 address. */
+export function ipv4Gid(address: string): Uint8Array {
+  const peer = udpPeer(address, 0);
+  if (peer.family !== 4) throw new TypeError(`not an IPv4 address: ${address}`);
+  const a = peer.words[0];
+  return new Uint8Array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a >>> 24, (a >>> 16) & 0xff, (a >>> 8) & 0xff, a & 0xff]);
+}
+
+/** The address bytes of an endpoint, network order (4 for IPv4, 16 for IPv6). */
+export function peerBytes(p: UdpPeer): Uint8Array {
+  const n = p.family === 4 ? 1 : 4;
+  const out = new Uint8Array(n * 4);
+  for (let w = 0; w < n; w++) {
+    const v = p.words[w]!;
+    out[w * 4] = v >>> 24;
+    out[w * 4 + 1] = (v >>> 16) & 0xff;
+    out[w * 4 + 2] = (v >>> 8) & 0xff;
+    out[w * 4 + 3] = v & 0xff;
+  }
+  return out;
+}
+
+/** The GID an endpoint's address stands for. */
+export function peerGid(p: UdpPeer): Uint8Array {
+  if (p.family === 6) return peerBytes(p);
+  const gid = new Uint8Array(16);
+  gid[10] = 0xff;
+  gid[11] = 0xff;
+  gid.set(peerBytes(p), 12);
+  return gid;
+}
+
+export function makePath(src: UdpPeer, dst: UdpPeer): IcrcPath {
+  return { family: src.family, src: peerBytes(src), dst: peerBytes(dst), sport: src.port, dport: dst.port, ipId: 0, ipFlagsFragment: src.family === 4 ? IPV4_DF : 0 };
+}

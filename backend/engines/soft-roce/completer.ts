@@ -1,0 +1,294 @@
+/**
+ * The completer (rxe_comp.c): matches ACKs, NAKs, READ responses and
+ * ATOMIC ACKs against the WRs the requester sent, completes WRs in posting
+ * order, retransmits from the first unacknowledged PSN on a PSN-sequence
+ * NAK or when the transport timer expires (bounded by retry_cnt), and waits
+ * out RNR NAKs (bounded by rnr_retry).
+ */
+import { QpState, SendOp, WcStatus } from '../../abi/constants.js';
+import { RNR_RETRY_INFINITE, sendCompletion } from '../loopback/completer.js';
+import { sliceSges } from '../loopback/message.js';
+import { MAX_TIMER_MS, rnrTimerMs, transportTimeoutMs } from '../loopback/timing.js';
+import type { RoceCore } from './core.js';
+import { Syndrome, syndromeKind, syndromeValue } from './headers.js';
+import { Opcode } from './opcodes.js';
+import type { RocePacket } from './packet.js';
+import { type RoceQp, isAtomicOp, isReadLike, psnAdd, psnDiff } from './roce-qp.js';
+
+export class Completer {
+  /** An ATOMIC ACK's original value, little-endian as guest memory holds it. */
+  private readonly atomicBytes = new Uint8Array(8);
+  private readonly atomicView = new DataView(this.atomicBytes.buffer);
+
+  constructor(private readonly core: RoceCore) {}
+
+  /** An ACK/NAK, READ response or ATOMIC ACK for `qp`. */
+  onResponse(qp: RoceQp, pkt: RocePacket): void {
+    const core = this.core;
+    if (qp.attrs.state !== QpState.RTS && qp.attrs.state !== QpState.SQD) {
+      core.stats.ignored++;
+      return;
+    }
+    const psn = pkt.bth.psn;
+    const op = pkt.opcode;
+    const idx = this.sentIndexOf(qp, psn);
+    if (op === Opcode.RC_ACKNOWLEDGE) return this.onAck(qp, pkt, idx);
+    if (idx < 0) {
+      core.stats.ignored++;
+      return;
+    }
+    if (op === Opcode.RC_ATOMIC_ACKNOWLEDGE) return this.onAtomicAck(qp, pkt, idx);
+    // READ response: must be the next one expected for this READ, and earlier WRs are implicitly ACKed.
+    const e = qp.sq[idx]!;
+    const expectedPsn = psnAdd(e.firstPsn, e.readPkts);
+    if (e.wr.opcode !== SendOp.RDMA_READ || psnDiff(psn, expectedPsn) !== 0) {
+      core.stats.ignored++;
+      if (e.wr.opcode === SendOp.RDMA_READ && psnDiff(psn, expectedPsn) > 0) this.retransmit(qp, expectedPsn);
+      return;
+    }
+    if (this.readLikeBefore(qp, idx)) {
+      core.stats.ignored++;
+      return;
+    }
+    const lastOp = op === Opcode.RC_RDMA_READ_RESPONSE_LAST || op === Opcode.RC_RDMA_READ_RESPONSE_ONLY;
+    const mtu = qp.mtu;
+    const off = e.readPkts * mtu;
+    const n = pkt.payloadLength;
+    const expectLen = Math.min(mtu, e.wr.length - off);
+    const expectLast = e.readPkts === e.npkts - 1;
+    if (lastOp !== expectLast || n !== expectLen) {
+      core.stats.ignored++;
+      return;
+    }
+    this.completeThrough(qp, idx - 1);
+    const memory = core.memory();
+    if (memory === null) return;
+    if (n > 0) {
+      const s = memory.scatter(qp.pdn, sliceSges(e.wr.sges, off, n), pkt.buffer, pkt.payloadOffset, n);
+      if (s !== WcStatus.SUCCESS) {
+        this.finishHead(qp, s);
+        return;
+      }
+    }
+    e.readPkts++;
+    qp.unackedPsn = psnAdd(psn, 1);
+    qp.retries = 0;
+    qp.rnrRetries = 0;
+    if (lastOp) this.completeThrough(qp, 0);
+    this.restartRetry(qp);
+    core.pump(qp);
+  }
+
+  /** Completes sq[0..last] successfully (they were acknowledged). */
+  completeThrough(qp: RoceQp, last: number): void {
+    const host = this.core.host();
+    for (let i = 0; i <= last; i++) {
+      const e = qp.sq.shift()!;
+      if (qp.sendIdx > 0) qp.sendIdx--;
+      qp.retries = 0;
+      qp.rnrRetries = 0;
+      host.sendDone(qp.qpn, e.token, sendCompletion(e.wr, WcStatus.SUCCESS, e.wr.length));
+    }
+    if (last >= 0) {
+      const head = qp.sq[0];
+      if (head !== undefined && head.firstPsn >= 0 && psnDiff(head.firstPsn, qp.unackedPsn) > 0) qp.unackedPsn = head.firstPsn;
+    }
+  }
+
+  /** The head WR ends with `status`; the QP goes to ERR. */
+  finishHead(qp: RoceQp, status: WcStatus): void {
+    const e = qp.sq.shift();
+    if (qp.sendIdx > 0) qp.sendIdx--;
+    if (e !== undefined) this.core.host().sendDone(qp.qpn, e.token, sendCompletion(e.wr, status, 0));
+    this.core.failQp(qp, `send WR failed with ${WcStatus[status] ?? status}`);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Timers
+
+  startRnrWait(qp: RoceQp, ms: number): void {
+    qp.rnrWaiting = true;
+    const wait = Math.min(ms, MAX_TIMER_MS);
+    qp.rnrDeadline = Date.now() + wait;
+    qp.rnrTimer = setTimeout(() => {
+      qp.rnrTimer = null;
+      qp.rnrWaiting = false;
+      if (this.core.isLive(qp)) this.core.pump(qp);
+    }, wait);
+  }
+
+  /** Arms the transport timer unless it runs; `remaining` resumes a saved one. */
+  armRetry(qp: RoceQp, remaining?: number): void {
+    if (qp.retryTimer !== null) return;
+    const ms = remaining ?? transportTimeoutMs(qp.attrs.timeout);
+    if (ms === null) return;
+    const wait = Math.min(Math.max(ms, 1), MAX_TIMER_MS);
+    qp.retryDeadline = Date.now() + wait;
+    qp.retryTimer = setTimeout(() => this.retryExpired(qp), wait);
+  }
+
+  clearTimers(qp: RoceQp): void {
+    if (qp.retryTimer !== null) clearTimeout(qp.retryTimer);
+    if (qp.rnrTimer !== null) clearTimeout(qp.rnrTimer);
+    qp.retryTimer = null;
+    qp.rnrTimer = null;
+    qp.rnrWaiting = false;
+  }
+
+  // ---------------------------------------------------------------------------
+
+  /** Index in the SQ of the sent WR whose PSN range holds `psn`, or -1. */
+  private sentIndexOf(qp: RoceQp, psn: number): number {
+    for (let i = 0; i < qp.sq.length; i++) {
+      const e = qp.sq[i]!;
+      if (e.firstPsn < 0) break;
+      const d = psnDiff(psn, e.firstPsn);
+      if (d >= 0 && d < e.npkts) return i;
+    }
+    return -1;
+  }
+
+  /** A READ or atomic before sq[idx] still waits for its responses. */
+  private readLikeBefore(qp: RoceQp, idx: number): boolean {
+    for (let i = 0; i < idx; i++) if (isReadLike(qp.sq[i]!.wr.opcode)) return true;
+    return false;
+  }
+
+  private onAck(qp: RoceQp, pkt: RocePacket, idx: number): void {
+    const core = this.core;
+    const psn = pkt.bth.psn;
+    const syn = pkt.aeth.syndrome;
+    const kind = syndromeKind(syn);
+    if (kind === 'ack') {
+      if (idx < 0 || psnDiff(psn, qp.unackedPsn) < 0) {
+        core.stats.ignored++;
+        return;
+      }
+      const e = qp.sq[idx]!;
+      const done = psnDiff(psn, e.firstPsn) === e.npkts - 1 ? idx : idx - 1;
+      // An ACK past an unfinished READ or atomic means its responses were lost.
+      for (let i = 0; i <= done; i++) {
+        if (isReadLike(qp.sq[i]!.wr.opcode)) {
+          this.completeThrough(qp, i - 1);
+          this.retransmit(qp, psnAdd(qp.sq[0]!.firstPsn, qp.sq[0]!.readPkts));
+          return;
+        }
+      }
+      this.completeThrough(qp, done);
+      qp.unackedPsn = psnAdd(psn, 1);
+      qp.retries = 0;
+      qp.rnrRetries = 0;
+      this.restartRetry(qp);
+      core.pump(qp);
+      return;
+    }
+    if (idx < 0) {
+      core.stats.ignored++;
+      return;
+    }
+    this.completeThrough(qp, idx - 1);
+    if (kind === 'rnr_nak') {
+      const limit = qp.attrs.rnrRetry;
+      if (limit !== RNR_RETRY_INFINITE && qp.rnrRetries >= limit) {
+        this.finishHead(qp, WcStatus.RNR_RETRY_EXC_ERR);
+        return;
+      }
+      if (limit !== RNR_RETRY_INFINITE) qp.rnrRetries++;
+      this.clearTimers(qp);
+      qp.rnrWaiting = true;
+      this.rewind(qp, psn);
+      this.startRnrWait(qp, rnrTimerMs(syndromeValue(syn)));
+      return;
+    }
+    switch (syn) {
+      case Syndrome.NAK_PSN_SEQ_ERROR:
+        this.retransmit(qp, psn);
+        return;
+      case Syndrome.NAK_REMOTE_ACCESS_ERROR:
+        this.finishHead(qp, WcStatus.REM_ACCESS_ERR);
+        return;
+      case Syndrome.NAK_REMOTE_OPERATIONAL_ERROR:
+        this.finishHead(qp, WcStatus.REM_OP_ERR);
+        return;
+      default:
+        this.finishHead(qp, WcStatus.REM_INV_REQ_ERR);
+        return;
+    }
+  }
+
+  private onAtomicAck(qp: RoceQp, pkt: RocePacket, idx: number): void {
+    const core = this.core;
+    const e = qp.sq[idx]!;
+    if (!isAtomicOp(e.wr.opcode) || pkt.bth.psn !== e.firstPsn || e.readPkts > 0 || this.readLikeBefore(qp, idx)) {
+      core.stats.ignored++;
+      return;
+    }
+    this.completeThrough(qp, idx - 1);
+    const memory = core.memory();
+    if (memory === null) return;
+    this.atomicView.setBigUint64(0, pkt.atomicAckEth.origRemoteData, true);
+    const n = Math.min(8, e.wr.length);
+    const s = memory.scatter(qp.pdn, sliceSges(e.wr.sges, 0, n), this.atomicBytes, 0, n);
+    if (s !== WcStatus.SUCCESS) {
+      this.finishHead(qp, s);
+      return;
+    }
+    e.readPkts = 1;
+    qp.unackedPsn = psnAdd(pkt.bth.psn, 1);
+    qp.retries = 0;
+    qp.rnrRetries = 0;
+    this.completeThrough(qp, 0);
+    this.restartRetry(qp);
+    core.pump(qp);
+  }
+
+  /** Moves the send point back to `psn` without sending. */
+  private rewind(qp: RoceQp, psn: number): void {
+    qp.unackedPsn = psn;
+    for (let i = 0; i < qp.sq.length; i++) {
+      const e = qp.sq[i]!;
+      if (e.firstPsn < 0) break;
+      const d = psnDiff(psn, e.firstPsn);
+      if (d >= 0 && d < e.npkts) {
+        qp.sendIdx = i;
+        e.sent = isReadLike(e.wr.opcode) ? 0 : d;
+        for (let j = i + 1; j < qp.sq.length; j++) qp.sq[j]!.sent = 0;
+        return;
+      }
+    }
+  }
+
+  private retransmit(qp: RoceQp, psn: number): void {
+    this.core.stats.retransmits++;
+    this.rewind(qp, psn);
+    if (qp.retryTimer !== null) {
+      clearTimeout(qp.retryTimer);
+      qp.retryTimer = null;
+    }
+    this.core.pump(qp);
+  }
+
+  private restartRetry(qp: RoceQp): void {
+    if (qp.retryTimer !== null) clearTimeout(qp.retryTimer);
+    qp.retryTimer = null;
+    if (qp.sq.length > 0 && qp.sq[0]!.firstPsn >= 0) this.armRetry(qp);
+  }
+
+  private retryExpired(qp: RoceQp): void {
+    qp.retryTimer = null;
+    const core = this.core;
+    if (!core.isLive(qp) || qp.attrs.state !== QpState.RTS || qp.rnrWaiting) return;
+    if (core.suspended) {
+      this.armRetry(qp);
+      return;
+    }
+    const head = qp.sq[0];
+    if (head === undefined || head.firstPsn < 0) return;
+    if (qp.retries >= qp.attrs.retryCnt) {
+      this.finishHead(qp, WcStatus.RETRY_EXC_ERR);
+      return;
+    }
+    qp.retries++;
+    this.retransmit(qp, qp.unackedPsn);
+  }
+}
