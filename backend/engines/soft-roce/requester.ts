@@ -54,6 +54,7 @@ export class Requester {
       if (!uc) {
         const outstanding = psnDiff(psn, qp.unackedPsn);
         if (outstanding > 0 && outstanding + (readLike ? 1 : 0) > SEND_WINDOW) return;
+        if (readLike && e.sent === 0 && this.readsInFlight(qp) >= Math.max(1, qp.attrs.maxRdAtomic)) return;
       }
       const status = op === SendOp.RDMA_READ ? this.sendReadRequest(qp, e, psn, mtu) : readLike ? this.sendAtomicRequest(qp, e, psn) : this.sendDataPacket(qp, memory, e, psn, mtu);
       if (status !== WcStatus.SUCCESS) {
@@ -72,6 +73,17 @@ export class Requester {
         }
       } else this.completer.armRetry(qp);
     }
+  }
+
+  /**
+   * READs and atomics sent and not yet answered: max_rd_atomic bounds them,
+   * because the responder keeps that many replay resources (rxe waits the
+   * same way; 0 is treated as 1 rather than stalling the QP forever).
+   */
+  private readsInFlight(qp: RoceQp): number {
+    let n = 0;
+    for (let i = 0; i < qp.sendIdx; i++) if (isReadLike(qp.sq[i]!.wr.opcode)) n++;
+    return n;
   }
 
   /** UD: one packet per WR to the WR's address; complete once sent. */

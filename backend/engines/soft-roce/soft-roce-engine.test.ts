@@ -292,6 +292,29 @@ describe('SoftRoceEngine RC over UDP', () => {
     expect(got).toEqual(data);
   });
 
+  it('never has more READs in flight than max_rd_atomic', async () => {
+    const [qa] = connect({ maxRdAtomic: 2 });
+    const remote = mr(b, 8 * 2048);
+    const local = mr(a, 8 * 2048);
+    const data = pattern(8 * 2048, 11);
+    remote.write(0, data);
+    let inFlight = 0;
+    let peak = 0;
+    a.engine.outgoingHook = (x) => {
+      if (x[0] === Opcode.RC_RDMA_READ_REQUEST) peak = Math.max(peak, ++inFlight);
+      return true;
+    };
+    b.engine.outgoingHook = (x) => {
+      if (x[0] === Opcode.RC_RDMA_READ_RESPONSE_LAST) inFlight--;
+      return true;
+    };
+    for (let i = 0; i < 8; i++) postSend(a, qa, { opcode: SendOp.RDMA_READ, sges: [local.sge(i * 2048, 2048)], remoteAddr: remote.iova + BigInt(i * 2048), rkey: remote.rkey });
+    await until(() => a.host.sends.length === 8);
+    expect(a.host.sends.every((c) => c.status === WcStatus.SUCCESS)).toBe(true);
+    expect(peak).toBe(2);
+    expect(local.read(0, 8 * 2048)).toEqual(data);
+  });
+
   it('RNR NAK: the SEND waits until a receive is posted, then succeeds', async () => {
     const [qa, qb] = connect();
     const src = mr(a, 2500);
