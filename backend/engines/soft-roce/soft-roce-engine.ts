@@ -29,7 +29,7 @@ import { gidToAddress, makePath } from './addressing.js';
 import { type RoceCapture, captureNowMs } from './capture.js';
 import { Completer } from './completer.js';
 import { type RoceCore, type SoftRoceStats, newStats } from './core.js';
-import { checkIcrc } from './icrc.js';
+import { IcrcVerifier } from './icrc-verifier.js';
 import { Opcode } from './opcodes.js';
 import { PacketOut } from './packet-out.js';
 import { RocePacket, decodePacket } from './packet.js';
@@ -71,6 +71,8 @@ export class SoftRoceEngine implements Engine, RoceCore {
   private readonly qps = new Map<number, RoceQp>();
   private nextQpn = FIRST_QPN;
   private readonly rx = new RocePacket();
+  /** Receive-side ICRC check (tolerates rxe's hashed IPv4 IDs, see icrc-verifier.ts). */
+  readonly icrc: IcrcVerifier;
   private readonly requester: Requester;
   private readonly responder: Responder;
   private readonly completer: Completer;
@@ -80,6 +82,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
     this.remotePort = options.remotePort ?? port;
     this.transport = new UdpTransport({ address: options.address, port });
     this.out = new PacketOut(this.transport, this.stats);
+    this.icrc = new IcrcVerifier(this.transport.local);
     this.out.capture = options.capture ?? null;
     this.completer = new Completer(this);
     this.requester = new Requester(this, this.completer);
@@ -338,7 +341,6 @@ export class SoftRoceEngine implements Engine, RoceCore {
     const capture = this.out.capture;
     if (capture !== null) this.captureBatch(capture, batch);
     if (this.attached === null || this.suspended) return;
-    const local = this.transport.local;
     for (let i = 0; i < batch.count; i++) {
       if (batch.truncated(i)) {
         this.stats.malformed++;
@@ -352,7 +354,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
         continue;
       }
       const src = batch.source(i);
-      if (src.family !== local.family || !checkIcrc(makePath(src, local), batch.buf, off, len)) {
+      if (!this.icrc.verify(src, batch.buf, off, len)) {
         this.stats.badIcrc++;
         continue;
       }
