@@ -55,6 +55,9 @@ npx --no-install tsc -p tsconfig.json
 # --- guest image for the VM tests (kernel, initramfs, probe module) ---------
 bash images/guest/build.sh
 
+# rdma-core 56.1 + the virtio_rdma provider + the in-guest conformance program (cached)
+bash images/guest/rdma-core.sh >/dev/null
+
 # --- QEMU 10.0 with vhost-user-rdma-pci (about 6 minutes the first time) -----
 bash images/qemu/build.sh >/dev/null
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the guest's RDMA user space: rdma-core (libibverbs, the rxe
 # provider, the ibv_* tools) together with the project's virtio_rdma
-# provider (native/guest/rdma-core-provider), and caches the installed tree.
+# provider (native/guest/rdma-core-provider) and the in-guest conformance
+# program (guest-driver-tests/in-guest), and caches the installed tree.
 #
 #   bash images/guest/rdma-core.sh [--force]
 #   bash images/guest/rdma-core.sh --key
@@ -34,13 +35,14 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PROVIDER=$(cd "$HERE/../../native/guest/rdma-core-provider" && pwd)
+CONFORMANCE=$(cd "$HERE/../../guest-driver-tests/in-guest" && pwd)/vrdma_conformance.c
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
 VERSION=56.1
 TARBALL=rdma-core_$VERSION.orig.tar.gz
 URL=http://deb.debian.org/debian/pool/main/r/rdma-core/$TARBALL
 SHA256=63ce7f2baa7242c2dbc76375dac957c420187dd27f8c5e148efc07971ee522a8
 PREFIX=/opt/vrdma/rdma-core
-SOURCES=("$PROVIDER/virtio_rdma.c" "$PROVIDER/CMakeLists.txt" "$HERE/rdma-core.sh")
+SOURCES=("$PROVIDER/virtio_rdma.c" "$PROVIDER/CMakeLists.txt" "$CONFORMANCE" "$HERE/rdma-core.sh")
 # What the guest needs; everything else in rdma-core is not built.
 TARGETS=(ibverbs virtio_rdma-rdmav34 rxe-rdmav34 ibv_devices ibv_devinfo ibv_rc_pingpong ibv_uc_pingpong ibv_ud_pingpong)
 
@@ -124,7 +126,7 @@ sed -i 's|^add_subdirectory(providers/siw)$|&\nadd_subdirectory(providers/virtio
 grep -q '^add_subdirectory(providers/virtio_rdma)$' "$WORK/src/CMakeLists.txt" || die "cannot add the provider to rdma-core's CMakeLists.txt"
 LOG="$WORK/build.log"
 (cd "$WORK" && mkdir build && cd build &&
-	cmake -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX="$PREFIX" -DCMAKE_INSTALL_LIBDIR=lib \
+	cmake -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_INSTALL_PREFIX="$PREFIX" -DCMAKE_INSTALL_LIBDIR=lib -DCMAKE_INSTALL_SYSCONFDIR="$PREFIX/etc" \
 		-DNO_PYVERBS=1 -DNO_MAN_PAGES=1 -DENABLE_VALGRIND=0 ../src) >"$LOG" 2>&1 || { tail -30 "$LOG" >&2; die "cmake failed (log above)"; }
 step "building ${TARGETS[*]}"
 (cd "$WORK/build" && ninja -j"$(nproc)" "${TARGETS[@]}") >>"$LOG" 2>&1 || { tail -40 "$LOG" >&2; die "build failed (log above)"; }
@@ -142,6 +144,9 @@ for p in virtio_rdma rxe; do
 	echo "driver $p" >"$R/etc/libibverbs.d/$p.driver"
 done
 for t in ibv_devices ibv_devinfo ibv_rc_pingpong ibv_uc_pingpong ibv_ud_pingpong; do cp "$B/bin/$t" "$R/bin/"; done
+step "building vrdma_conformance"
+gcc -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -I"$B/include" -o "$R/bin/vrdma_conformance" "$CONFORMANCE" -L"$B/lib" -libverbs >>"$LOG" 2>&1 ||
+	{ tail -30 "$LOG" >&2; die "building vrdma_conformance failed (log above)"; }
 strip --strip-debug "$R"/lib/*.so* "$R"/lib/libibverbs/*.so "$R"/bin/* 2>/dev/null || true
 cp "$LOG" "$NEW/"
 cat >"$NEW/info" <<INFO

@@ -1,0 +1,870 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The conformance scenarios of guest-driver-tests/scenarios, inside a
+ * guest, through unmodified libibverbs: whatever verbs device is named
+ * (the project's virtio_rdma, or rxe as a reference) must behave as the
+ * verbs specification says.
+ *
+ *   vrdma_conformance -d DEVICE [-g GID_INDEX] [-s SCENARIO] [-r] [-v]
+ *
+ * -r accepts the statuses Linux rxe (6.1) reports where the verbs
+ * specification names another: LOC_QP_OP_ERR for a bad lkey and for a
+ * SEND larger than the receive buffer (spec: LOC_PROT_ERR, LOC_LEN_ERR).
+ *
+ * Every scenario opens its own PD, CQs and QPs; data-path scenarios
+ * connect two QPs of the same device (the engine loops the traffic back).
+ * Output is TAP: "ok N name" or "not ok N name # reason", then a summary
+ * line; the exit code is the number of failed scenarios (capped at 100).
+ * "info key=value" lines report device attributes for the caller to
+ * compare with the back-end's limits.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <infiniband/verbs.h>
+
+#define POLL_TIMEOUT_MS 5000
+#define BUF_SIZE (1 << 20)
+#define QKEY 0x11111111u
+
+static struct ibv_context *ctx;
+static struct ibv_device_attr_ex dev_attr;
+static struct ibv_port_attr port_attr;
+static union ibv_gid gid;
+static int gid_index;
+static bool verbose;
+static bool rxe_tolerances;
+static char failure[512];
+
+/* Records why a scenario failed; returns -1 for `return fail(...)`. */
+static int fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(failure, sizeof(failure), fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+#define CHECK(cond, ...)                                                       \
+	do {                                                                   \
+		if (!(cond))                                                   \
+			return fail(__VA_ARGS__);                              \
+	} while (0)
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* --------------------------------------------------------------- fixture */
+
+/* One side of a connection: QP with its own CQs and a registered buffer. */
+struct side {
+	struct ibv_cq *scq, *rcq;
+	struct ibv_qp *qp;
+	struct ibv_mr *mr;
+	uint8_t *buf;
+	uint32_t psn;
+};
+
+struct pair {
+	struct ibv_pd *pd;
+	struct side a, b;
+	enum ibv_qp_type type;
+};
+
+static int side_open(struct pair *p, struct side *s, int access, uint32_t psn,
+		     struct ibv_comp_channel *rch)
+{
+	struct ibv_qp_init_attr init = {
+		.qp_type = p->type,
+		.cap = { .max_send_wr = 64, .max_recv_wr = 64, .max_send_sge = 4, .max_recv_sge = 4, .max_inline_data = 64 },
+	};
+
+	s->psn = psn;
+	s->buf = aligned_alloc(4096, BUF_SIZE);
+	CHECK(s->buf, "out of memory");
+	memset(s->buf, 0, BUF_SIZE);
+	s->mr = ibv_reg_mr(p->pd, s->buf, BUF_SIZE, access);
+	CHECK(s->mr, "ibv_reg_mr: %s", strerror(errno));
+	s->scq = ibv_create_cq(ctx, 128, NULL, NULL, 0);
+	s->rcq = ibv_create_cq(ctx, 128, NULL, rch, 0);
+	CHECK(s->scq && s->rcq, "ibv_create_cq: %s", strerror(errno));
+	init.send_cq = s->scq;
+	init.recv_cq = s->rcq;
+	s->qp = ibv_create_qp(p->pd, &init);
+	CHECK(s->qp, "ibv_create_qp: %s", strerror(errno));
+	return 0;
+}
+
+static void side_close(struct side *s)
+{
+	if (s->qp)
+		ibv_destroy_qp(s->qp);
+	if (s->scq)
+		ibv_destroy_cq(s->scq);
+	if (s->rcq)
+		ibv_destroy_cq(s->rcq);
+	if (s->mr)
+		ibv_dereg_mr(s->mr);
+	free(s->buf);
+	memset(s, 0, sizeof(*s));
+}
+
+/* RESET -> INIT -> RTR -> RTS towards `peer`, as ibv_rc_pingpong does. */
+static int connect_qp(struct pair *p, struct side *s, struct side *peer,
+		      int access, uint8_t rnr_retry)
+{
+	struct ibv_qp_attr a = {
+		.qp_state = IBV_QPS_INIT,
+		.pkey_index = 0,
+		.port_num = 1,
+		.qp_access_flags = access,
+		.qkey = QKEY,
+	};
+	int mask = IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT;
+
+	mask |= p->type == IBV_QPT_UD ? IBV_QP_QKEY : IBV_QP_ACCESS_FLAGS;
+	CHECK(!ibv_modify_qp(s->qp, &a, mask), "modify to INIT: %s", strerror(errno));
+
+	memset(&a, 0, sizeof(a));
+	a.qp_state = IBV_QPS_RTR;
+	mask = IBV_QP_STATE;
+	if (p->type != IBV_QPT_UD) {
+		a.path_mtu = IBV_MTU_1024;
+		a.dest_qp_num = peer->qp->qp_num;
+		a.rq_psn = peer->psn;
+		a.ah_attr.is_global = 1;
+		a.ah_attr.grh.dgid = gid;
+		a.ah_attr.grh.sgid_index = gid_index;
+		a.ah_attr.grh.hop_limit = 1;
+		a.ah_attr.port_num = 1;
+		mask |= IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN;
+		if (p->type == IBV_QPT_RC) {
+			a.max_dest_rd_atomic = 1;
+			a.min_rnr_timer = 1;
+			mask |= IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
+		}
+	}
+	CHECK(!ibv_modify_qp(s->qp, &a, mask), "modify to RTR: %s", strerror(errno));
+
+	memset(&a, 0, sizeof(a));
+	a.qp_state = IBV_QPS_RTS;
+	a.sq_psn = s->psn;
+	mask = IBV_QP_STATE | IBV_QP_SQ_PSN;
+	if (p->type == IBV_QPT_RC) {
+		a.timeout = 14;
+		a.retry_cnt = 7;
+		a.rnr_retry = rnr_retry;
+		a.max_rd_atomic = 1;
+		mask |= IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_MAX_QP_RD_ATOMIC;
+	}
+	CHECK(!ibv_modify_qp(s->qp, &a, mask), "modify to RTS: %s", strerror(errno));
+	return 0;
+}
+
+static const int ALL_ACCESS = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE |
+			      IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC;
+
+/* Two connected QPs; b's receive CQ reports to `rch` when it is not NULL. */
+static int pair_open_ch(struct pair *p, enum ibv_qp_type type, uint8_t rnr_retry,
+			struct ibv_comp_channel *rch)
+{
+	memset(p, 0, sizeof(*p));
+	p->type = type;
+	p->pd = ibv_alloc_pd(ctx);
+	CHECK(p->pd, "ibv_alloc_pd: %s", strerror(errno));
+	if (side_open(p, &p->a, ALL_ACCESS, 0x1234, NULL) || side_open(p, &p->b, ALL_ACCESS, 0x5678, rch))
+		return -1;
+	if (connect_qp(p, &p->a, &p->b, ALL_ACCESS, rnr_retry) ||
+	    connect_qp(p, &p->b, &p->a, ALL_ACCESS, rnr_retry))
+		return -1;
+	return 0;
+}
+
+static int pair_open(struct pair *p, enum ibv_qp_type type, uint8_t rnr_retry)
+{
+	return pair_open_ch(p, type, rnr_retry, NULL);
+}
+
+static void pair_close(struct pair *p)
+{
+	side_close(&p->a);
+	side_close(&p->b);
+	if (p->pd)
+		ibv_dealloc_pd(p->pd);
+	memset(p, 0, sizeof(*p));
+}
+
+/* Waits for exactly one completion on `cq`. */
+static int poll_one(struct ibv_cq *cq, struct ibv_wc *wc)
+{
+	uint64_t end = now_ms() + POLL_TIMEOUT_MS;
+	int n;
+
+	do {
+		n = ibv_poll_cq(cq, 1, wc);
+		CHECK(n >= 0, "ibv_poll_cq: %d", n);
+		if (n == 1)
+			return 0;
+		usleep(100);
+	} while (now_ms() < end);
+	return fail("no completion within %d ms", POLL_TIMEOUT_MS);
+}
+
+/* No completion shows up on `cq` for `ms`. */
+static int poll_none(struct ibv_cq *cq, int ms)
+{
+	uint64_t end = now_ms() + ms;
+	struct ibv_wc wc;
+
+	do {
+		int n = ibv_poll_cq(cq, 1, &wc);
+
+		CHECK(n == 0, "unexpected completion: status %s opcode %d wr_id %" PRIu64,
+		      ibv_wc_status_str(wc.status), wc.opcode, wc.wr_id);
+		usleep(200);
+	} while (now_ms() < end);
+	return 0;
+}
+
+static int expect_wc(struct ibv_cq *cq, uint64_t wr_id, enum ibv_wc_status status,
+		     int opcode, int byte_len, struct ibv_wc *out)
+{
+	struct ibv_wc wc;
+
+	if (poll_one(cq, &wc))
+		return -1;
+	CHECK(wc.wr_id == wr_id, "wr_id %" PRIu64 ", expected %" PRIu64, wc.wr_id, wr_id);
+	CHECK(wc.status == status, "wr %" PRIu64 ": status %s, expected %s", wr_id,
+	      ibv_wc_status_str(wc.status), ibv_wc_status_str(status));
+	if (status == IBV_WC_SUCCESS) {
+		CHECK(opcode < 0 || (int)wc.opcode == opcode, "wr %" PRIu64 ": opcode %d, expected %d", wr_id, wc.opcode, opcode);
+		CHECK(byte_len < 0 || (int)wc.byte_len == byte_len, "wr %" PRIu64 ": byte_len %u, expected %d", wr_id, wc.byte_len, byte_len);
+	}
+	if (out)
+		*out = wc;
+	return 0;
+}
+
+static int post_recv(struct side *s, uint64_t wr_id, uint32_t off, uint32_t len)
+{
+	struct ibv_sge sge = { .addr = (uintptr_t)s->buf + off, .length = len, .lkey = s->mr->lkey };
+	struct ibv_recv_wr wr = { .wr_id = wr_id, .sg_list = &sge, .num_sge = 1 }, *bad;
+
+	CHECK(!ibv_post_recv(s->qp, &wr, &bad), "ibv_post_recv: %s", strerror(errno));
+	return 0;
+}
+
+static int post_send(struct side *s, struct ibv_send_wr *wr)
+{
+	struct ibv_send_wr *bad;
+	int ret = ibv_post_send(s->qp, wr, &bad);
+
+	CHECK(!ret, "ibv_post_send: %s", strerror(ret));
+	return 0;
+}
+
+static void fill(uint8_t *p, size_t n, unsigned seed)
+{
+	for (size_t i = 0; i < n; i++)
+		p[i] = (uint8_t)(seed + i * 131 + (i >> 8));
+}
+
+/* ------------------------------------------------------------ scenarios */
+
+static int query_basics(void)
+{
+	printf("info max_qp=%d max_cq=%d max_mr=%d max_pd=%d max_ah=%d max_cqe=%d max_qp_wr=%d max_sge=%d max_qp_rd_atom=%d max_mr_size=%" PRIu64 "\n",
+	       dev_attr.orig_attr.max_qp, dev_attr.orig_attr.max_cq, dev_attr.orig_attr.max_mr,
+	       dev_attr.orig_attr.max_pd, dev_attr.orig_attr.max_ah, dev_attr.orig_attr.max_cqe,
+	       dev_attr.orig_attr.max_qp_wr, dev_attr.orig_attr.max_sge,
+	       dev_attr.orig_attr.max_qp_rd_atom, (uint64_t)dev_attr.orig_attr.max_mr_size);
+	printf("info port_state=%d active_mtu=%d link_layer=%d gid_tbl_len=%d\n", port_attr.state,
+	       port_attr.active_mtu, port_attr.link_layer, port_attr.gid_tbl_len);
+	CHECK(port_attr.state == IBV_PORT_ACTIVE, "port 1 is %s", ibv_port_state_str(port_attr.state));
+	CHECK(dev_attr.orig_attr.max_qp > 0 && dev_attr.orig_attr.max_cq > 0 && dev_attr.orig_attr.max_mr > 0,
+	      "device reports no QPs, CQs or MRs");
+	CHECK(dev_attr.orig_attr.phys_port_cnt == 1, "%d ports", dev_attr.orig_attr.phys_port_cnt);
+	return 0;
+}
+
+/* SEND (optionally with immediate) of `len` bytes a -> b. */
+static int send_recv(enum ibv_qp_type type, uint32_t len, bool imm)
+{
+	struct pair p;
+	uint32_t grh = type == IBV_QPT_UD ? 40 : 0;
+	struct ibv_ah *ah = NULL;
+	struct ibv_wc wc;
+	int ret = -1;
+
+	if (pair_open(&p, type, 7))
+		goto out;
+	fill(p.a.buf, len, 3);
+	if (post_recv(&p.b, 7, 0, grh + len))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = len, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = {
+		.wr_id = 1, .sg_list = &sge, .num_sge = 1,
+		.opcode = imm ? IBV_WR_SEND_WITH_IMM : IBV_WR_SEND,
+		.send_flags = IBV_SEND_SIGNALED, .imm_data = htobe32(0xc0ffee),
+	};
+	if (type == IBV_QPT_UD) {
+		struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
+					  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
+
+		ah = ibv_create_ah(p.pd, &aa);
+		if (!ah) {
+			fail("ibv_create_ah: %s", strerror(errno));
+			goto out;
+		}
+		wr.wr.ud.ah = ah;
+		wr.wr.ud.remote_qpn = p.b.qp->qp_num;
+		wr.wr.ud.remote_qkey = QKEY;
+	}
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 1, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 7, IBV_WC_SUCCESS, IBV_WC_RECV, grh + len, &wc))
+		goto out;
+	if (imm && (!(wc.wc_flags & IBV_WC_WITH_IMM) || be32toh(wc.imm_data) != 0xc0ffee)) {
+		fail("immediate not delivered (flags 0x%x, imm 0x%x)", wc.wc_flags, be32toh(wc.imm_data));
+		goto out;
+	}
+	if (type == IBV_QPT_UD && (!(wc.wc_flags & IBV_WC_GRH) || wc.src_qp != p.a.qp->qp_num)) {
+		fail("UD receive without GRH flag or with src_qp 0x%x", wc.src_qp);
+		goto out;
+	}
+	if (memcmp(p.b.buf + grh, p.a.buf, len)) {
+		fail("received bytes differ");
+		goto out;
+	}
+	ret = 0;
+out:
+	if (ah)
+		ibv_destroy_ah(ah);
+	pair_close(&p);
+	return ret;
+}
+
+static int rc_send_recv(void) { return send_recv(IBV_QPT_RC, 5000, false); }
+static int rc_send_with_imm(void) { return send_recv(IBV_QPT_RC, 100, true); }
+static int uc_send_recv(void) { return send_recv(IBV_QPT_UC, 3000, false); }
+static int ud_send_recv(void) { return send_recv(IBV_QPT_UD, 512, true); }
+static int zero_length_send(void) { return send_recv(IBV_QPT_RC, 0, false); }
+
+/* RDMA WRITE / WRITE_WITH_IMM / READ of `len` bytes between a and b. */
+static int rdma(enum ibv_wr_opcode op, uint32_t len)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	uint8_t *src = op == IBV_WR_RDMA_READ ? p.b.buf + 4096 : p.a.buf;
+	uint8_t *dst = op == IBV_WR_RDMA_READ ? p.a.buf : p.b.buf + 4096;
+
+	fill(src, len, 9);
+	if (op == IBV_WR_RDMA_WRITE_WITH_IMM && post_recv(&p.b, 8, 0, 0))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = len, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = {
+		.wr_id = 2, .sg_list = &sge, .num_sge = 1, .opcode = op,
+		.send_flags = IBV_SEND_SIGNALED, .imm_data = htobe32(77),
+		.wr.rdma = { .remote_addr = (uintptr_t)p.b.buf + 4096, .rkey = p.b.mr->rkey },
+	};
+	if (post_send(&p.a, &wr) ||
+	    expect_wc(p.a.scq, 2, IBV_WC_SUCCESS, op == IBV_WR_RDMA_READ ? IBV_WC_RDMA_READ : IBV_WC_RDMA_WRITE, -1, NULL))
+		goto out;
+	if (op == IBV_WR_RDMA_WRITE_WITH_IMM &&
+	    expect_wc(p.b.rcq, 8, IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM, len, NULL))
+		goto out;
+	if (memcmp(dst, src, len)) {
+		fail("target bytes differ");
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+static int rdma_write(void) { return rdma(IBV_WR_RDMA_WRITE, 70000); }
+static int rdma_write_with_imm(void) { return rdma(IBV_WR_RDMA_WRITE_WITH_IMM, 1500); }
+static int rdma_read(void) { return rdma(IBV_WR_RDMA_READ, 70000); }
+
+static int atomic(enum ibv_wr_opcode op)
+{
+	struct pair p;
+	int ret = -1;
+	uint64_t *remote, *local;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	remote = (uint64_t *)(p.b.buf + 64);
+	local = (uint64_t *)p.a.buf;
+	*remote = 100;
+	struct ibv_sge sge = { .addr = (uintptr_t)local, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = {
+		.wr_id = 3, .sg_list = &sge, .num_sge = 1, .opcode = op, .send_flags = IBV_SEND_SIGNALED,
+		.wr.atomic = { .remote_addr = (uintptr_t)remote, .rkey = p.b.mr->rkey,
+			       .compare_add = op == IBV_WR_ATOMIC_CMP_AND_SWP ? 100 : 5, .swap = 42 },
+	};
+	if (post_send(&p.a, &wr) ||
+	    expect_wc(p.a.scq, 3, IBV_WC_SUCCESS, op == IBV_WR_ATOMIC_CMP_AND_SWP ? IBV_WC_COMP_SWAP : IBV_WC_FETCH_ADD, -1, NULL))
+		goto out;
+	if (*local != 100 || *remote != (op == IBV_WR_ATOMIC_CMP_AND_SWP ? 42u : 105u)) {
+		fail("original %" PRIu64 ", remote now %" PRIu64, *local, *remote);
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+static int atomic_cmp_swap(void) { return atomic(IBV_WR_ATOMIC_CMP_AND_SWP); }
+static int atomic_fetch_add(void) { return atomic(IBV_WR_ATOMIC_FETCH_AND_ADD); }
+
+/* Three SGEs gathered into a receive split over two SGEs. */
+static int multi_sge(void)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	fill(p.a.buf, 3000, 5);
+	struct ibv_sge rs[2] = {
+		{ .addr = (uintptr_t)p.b.buf + 8192, .length = 1000, .lkey = p.b.mr->lkey },
+		{ .addr = (uintptr_t)p.b.buf + 16384, .length = 2000, .lkey = p.b.mr->lkey },
+	};
+	struct ibv_recv_wr rwr = { .wr_id = 9, .sg_list = rs, .num_sge = 2 }, *rbad;
+	struct ibv_sge ss[3] = {
+		{ .addr = (uintptr_t)p.a.buf, .length = 700, .lkey = p.a.mr->lkey },
+		{ .addr = (uintptr_t)p.a.buf + 700, .length = 1300, .lkey = p.a.mr->lkey },
+		{ .addr = (uintptr_t)p.a.buf + 2000, .length = 1000, .lkey = p.a.mr->lkey },
+	};
+	struct ibv_send_wr wr = { .wr_id = 4, .sg_list = ss, .num_sge = 3, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (ibv_post_recv(p.b.qp, &rwr, &rbad)) {
+		fail("ibv_post_recv: %s", strerror(errno));
+		goto out;
+	}
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 4, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 9, IBV_WC_SUCCESS, IBV_WC_RECV, 3000, NULL))
+		goto out;
+	if (memcmp(p.b.buf + 8192, p.a.buf, 1000) || memcmp(p.b.buf + 16384, p.a.buf + 1000, 2000)) {
+		fail("scattered bytes differ");
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+static int inline_send(void)
+{
+	struct pair p;
+	uint8_t data[48];
+	int ret = -1;
+
+	fill(data, sizeof(data), 1);
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 5, 0, 64))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)data, .length = sizeof(data), .lkey = 0 };
+	struct ibv_send_wr wr = { .wr_id = 6, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND,
+				  .send_flags = IBV_SEND_SIGNALED | IBV_SEND_INLINE };
+
+	if (post_send(&p.a, &wr))
+		goto out;
+	memset(data, 0, sizeof(data)); /* inline data was copied at post time */
+	if (expect_wc(p.a.scq, 6, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 5, IBV_WC_SUCCESS, IBV_WC_RECV, 48, NULL))
+		goto out;
+	fill(data, sizeof(data), 1);
+	if (memcmp(p.b.buf, data, sizeof(data))) {
+		fail("inline bytes differ");
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* An RDMA WRITE with a deregistered rkey fails remotely; the QP goes to ERR and flushes. */
+static int stale_rkey(void)
+{
+	struct pair p;
+	int ret = -1;
+	uint32_t rkey;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	rkey = p.b.mr->rkey;
+	ibv_dereg_mr(p.b.mr);
+	p.b.mr = NULL;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 64, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 11, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_RDMA_WRITE,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf, .rkey = rkey } };
+	struct ibv_send_wr next = wr;
+
+	next.wr_id = 12;
+	wr.next = &next;
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 11, IBV_WC_REM_ACCESS_ERR, -1, -1, NULL) ||
+	    expect_wc(p.a.scq, 12, IBV_WC_WR_FLUSH_ERR, -1, -1, NULL))
+		goto out;
+	struct ibv_qp_attr qa;
+	struct ibv_qp_init_attr qi;
+
+	if (ibv_query_qp(p.a.qp, &qa, IBV_QP_STATE, &qi) || qa.qp_state != IBV_QPS_ERR) {
+		fail("requester QP state %d after a remote access error", qa.qp_state);
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* A bad lkey is a local protection error on the sender alone. */
+static int bad_lkey(void)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 1, 0, 64))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 64, .lkey = p.a.mr->lkey ^ 0x5a5a00 };
+	struct ibv_send_wr wr = { .wr_id = 13, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr) ||
+	    expect_wc(p.a.scq, 13, rxe_tolerances ? IBV_WC_LOC_QP_OP_ERR : IBV_WC_LOC_PROT_ERR, -1, -1, NULL))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* Unsignalled WRs complete silently; a signalled one after them reports alone. */
+static int signaling_rules(void)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 16, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr w[3];
+
+	for (int i = 0; i < 3; i++) {
+		w[i] = (struct ibv_send_wr){ .wr_id = 20 + i, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_RDMA_WRITE,
+					     .send_flags = i == 2 ? IBV_SEND_SIGNALED : 0, .next = i < 2 ? &w[i + 1] : NULL,
+					     .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf, .rkey = p.b.mr->rkey } };
+	}
+	if (post_send(&p.a, w) || expect_wc(p.a.scq, 22, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, -1, NULL) ||
+	    poll_none(p.a.scq, 100))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* A SEND to a QP with no receive posted and rnr_retry 0 fails with RNR_RETRY_EXC_ERR. */
+static int rnr_retry_exceeded(void)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 0))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 16, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 30, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 30, IBV_WC_RNR_RETRY_EXC_ERR, -1, -1, NULL))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* A SEND larger than the receive buffer: LOC_LEN_ERR on the receiver, a remote error on the sender. */
+static int receive_too_small(void)
+{
+	struct pair p;
+	int ret = -1;
+	struct ibv_wc wc;
+
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 40, 0, 100))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 200, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 41, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr) ||
+	    expect_wc(p.b.rcq, 40, rxe_tolerances ? IBV_WC_LOC_QP_OP_ERR : IBV_WC_LOC_LEN_ERR, -1, -1, NULL) ||
+	    poll_one(p.a.scq, &wc))
+		goto out;
+	if (wc.wr_id != 41 || wc.status == IBV_WC_SUCCESS) {
+		fail("sender: wr %" PRIu64 " status %s", wc.wr_id, ibv_wc_status_str(wc.status));
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* Moving a QP with outstanding receives to ERR flushes them in order. */
+static int qp_error_flush(void)
+{
+	struct pair p;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	for (int i = 0; i < 3; i++)
+		if (post_recv(&p.b, 50 + i, i * 64, 64))
+			goto out;
+	struct ibv_qp_attr a = { .qp_state = IBV_QPS_ERR };
+
+	if (ibv_modify_qp(p.b.qp, &a, IBV_QP_STATE)) {
+		fail("modify to ERR: %s", strerror(errno));
+		goto out;
+	}
+	for (int i = 0; i < 3; i++)
+		if (expect_wc(p.b.rcq, 50 + i, IBV_WC_WR_FLUSH_ERR, -1, -1, NULL))
+			goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* RESET -> RTR skips INIT: refused, and the QP stays in RESET. */
+static int modify_qp_rules(void)
+{
+	struct pair p = { .type = IBV_QPT_RC };
+	struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024 };
+	struct ibv_qp_init_attr qi;
+	int ret = -1;
+
+	p.pd = ibv_alloc_pd(ctx);
+	if (!p.pd || side_open(&p, &p.a, ALL_ACCESS, 1, NULL))
+		goto out;
+	if (!ibv_modify_qp(p.a.qp, &a, IBV_QP_STATE | IBV_QP_PATH_MTU)) {
+		fail("RESET -> RTR was accepted");
+		goto out;
+	}
+	if (ibv_query_qp(p.a.qp, &a, IBV_QP_STATE, &qi) || a.qp_state != IBV_QPS_RESET) {
+		fail("state %d after a refused transition", a.qp_state);
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* A PD with an MR on it cannot be freed; after the MR goes, it can. */
+static int destroy_pd_in_use(void)
+{
+	struct ibv_pd *pd = ibv_alloc_pd(ctx);
+	void *buf = aligned_alloc(4096, 4096);
+	struct ibv_mr *mr;
+
+	CHECK(pd && buf, "ibv_alloc_pd: %s", strerror(errno));
+	mr = ibv_reg_mr(pd, buf, 4096, IBV_ACCESS_LOCAL_WRITE);
+	CHECK(mr, "ibv_reg_mr: %s", strerror(errno));
+	CHECK(ibv_dealloc_pd(pd) != 0, "a PD with an MR was freed");
+	CHECK(!ibv_dereg_mr(mr), "ibv_dereg_mr: %s", strerror(errno));
+	CHECK(!ibv_dealloc_pd(pd), "ibv_dealloc_pd after its MR went: %s", strerror(errno));
+	free(buf);
+	return 0;
+}
+
+/* An armed CQ raises one completion event on its channel. */
+static int cq_arming(void)
+{
+	struct ibv_comp_channel *ch = ibv_create_comp_channel(ctx);
+	struct pair p;
+	struct ibv_cq *ev_cq;
+	struct pollfd pfd;
+	void *ev_ctx;
+	int ret = -1;
+
+	CHECK(ch, "ibv_create_comp_channel: %s", strerror(errno));
+	if (pair_open_ch(&p, IBV_QPT_RC, 7, ch))
+		goto out;
+	if (ibv_req_notify_cq(p.b.rcq, 0)) {
+		fail("ibv_req_notify_cq: %s", strerror(errno));
+		goto out;
+	}
+	if (post_recv(&p.b, 60, 0, 64))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 61, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr))
+		goto out;
+	pfd = (struct pollfd){ .fd = ch->fd, .events = POLLIN };
+	if (poll(&pfd, 1, POLL_TIMEOUT_MS) != 1) {
+		fail("no completion event within %d ms", POLL_TIMEOUT_MS);
+		goto out;
+	}
+	if (ibv_get_cq_event(ch, &ev_cq, &ev_ctx) || ev_cq != p.b.rcq) {
+		fail("ibv_get_cq_event: wrong CQ or %s", strerror(errno));
+		goto out;
+	}
+	ibv_ack_cq_events(ev_cq, 1);
+	if (expect_wc(p.b.rcq, 60, IBV_WC_SUCCESS, IBV_WC_RECV, 8, NULL))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	ibv_destroy_comp_channel(ch);
+	return ret;
+}
+
+/* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
+#define LIMIT_PROBE 1024
+static int limit_pd(void)
+{
+	int max = dev_attr.orig_attr.max_pd, want, n = 0;
+	struct ibv_pd **pds;
+
+	CHECK(max > 0, "max_pd %d", max);
+	want = max <= LIMIT_PROBE ? max + 1 : LIMIT_PROBE;
+	pds = calloc(want, sizeof(*pds));
+	CHECK(pds, "out of memory");
+	while (n < want && (pds[n] = ibv_alloc_pd(ctx)))
+		n++;
+	for (int i = 0; i < n; i++)
+		ibv_dealloc_pd(pds[i]);
+	free(pds);
+	printf("info pds_allocated=%d\n", n);
+	if (max <= LIMIT_PROBE)
+		CHECK(n == max, "allocated %d PDs, max_pd is %d", n, max);
+	else
+		CHECK(n == LIMIT_PROBE, "only %d PDs of max_pd %d", n, max);
+	return 0;
+}
+
+struct scenario {
+	const char *name;
+	int (*run)(void);
+};
+
+static const struct scenario scenarios[] = {
+	{ "queryBasics", query_basics },
+	{ "rcSendRecv", rc_send_recv },
+	{ "rcSendWithImm", rc_send_with_imm },
+	{ "ucSendRecv", uc_send_recv },
+	{ "udSendRecv", ud_send_recv },
+	{ "zeroLengthSend", zero_length_send },
+	{ "rdmaWrite", rdma_write },
+	{ "rdmaWriteWithImm", rdma_write_with_imm },
+	{ "rdmaRead", rdma_read },
+	{ "atomicCompareAndSwap", atomic_cmp_swap },
+	{ "atomicFetchAndAdd", atomic_fetch_add },
+	{ "multiSgeSendRecv", multi_sge },
+	{ "inlineSend", inline_send },
+	{ "staleRkey", stale_rkey },
+	{ "badLkey", bad_lkey },
+	{ "signalingRules", signaling_rules },
+	{ "rnrRetryExceeded", rnr_retry_exceeded },
+	{ "receiveTooSmall", receive_too_small },
+	{ "qpErrorFlush", qp_error_flush },
+	{ "modifyQpRules", modify_qp_rules },
+	{ "destroyPdInUse", destroy_pd_in_use },
+	{ "cqArmingAndInterrupts", cq_arming },
+	{ "limitPd", limit_pd },
+};
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: vrdma_conformance -d DEVICE [-g GID_INDEX] [-s SCENARIO] [-r] [-v]\nscenarios:");
+	for (size_t i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
+		fprintf(stderr, " %s", scenarios[i].name);
+	fprintf(stderr, "\n");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	const char *dev_name = NULL, *only = NULL;
+	struct ibv_device **list;
+	int opt, failed = 0, run = 0, num;
+
+	while ((opt = getopt(argc, argv, "d:g:s:rv")) != -1) {
+		switch (opt) {
+		case 'd': dev_name = optarg; break;
+		case 'g': gid_index = atoi(optarg); break;
+		case 's': only = optarg; break;
+		case 'r': rxe_tolerances = true; break;
+		case 'v': verbose = true; break;
+		default: usage();
+		}
+	}
+	if (!dev_name)
+		usage();
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	list = ibv_get_device_list(&num);
+	if (!list) {
+		printf("Bail out! ibv_get_device_list: %s\n", strerror(errno));
+		return 100;
+	}
+	for (int i = 0; i < num && !ctx; i++)
+		if (!strcmp(ibv_get_device_name(list[i]), dev_name))
+			ctx = ibv_open_device(list[i]);
+	ibv_free_device_list(list);
+	if (!ctx) {
+		printf("Bail out! no device %s among %d\n", dev_name, num);
+		return 100;
+	}
+	if (ibv_query_device_ex(ctx, NULL, &dev_attr) || ibv_query_port(ctx, 1, &port_attr) ||
+	    ibv_query_gid(ctx, 1, gid_index, &gid)) {
+		printf("Bail out! querying %s: %s\n", dev_name, strerror(errno));
+		return 100;
+	}
+	for (size_t i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++) {
+		const struct scenario *s = &scenarios[i];
+
+		if (only && strcmp(only, s->name))
+			continue;
+		failure[0] = '\0';
+		uint64_t t0 = now_ms();
+		int r = s->run();
+
+		run++;
+		if (r) {
+			failed++;
+			printf("not ok %d %s # %s\n", run, s->name, failure[0] ? failure : "failed");
+		} else {
+			printf("ok %d %s%s", run, s->name, verbose ? "" : "\n");
+			if (verbose)
+				printf(" # %" PRIu64 " ms\n", now_ms() - t0);
+		}
+	}
+	printf("1..%d\n# %d passed, %d failed\n", run, run - failed, failed);
+	ibv_close_device(ctx);
+	return failed > 100 ? 100 : failed;
+}
