@@ -23,6 +23,13 @@ import type { Engine } from './engine/engine.js';
 import { gidFromAddress } from './gid.js';
 import { numQueues } from './abi/constants.js';
 import { DEFAULT_LIMITS, resolveLimits, type RdmaLimits } from './device/limits.js';
+import { PeerError } from './peer/peer-device.js';
+import { OobError } from './peer/oob-channel.js';
+import { PingpongMessageError } from './peer/pingpong-message.js';
+import { PerftestMessageError } from './peer/perftest-message.js';
+import { openPeerSession } from './peer/peer-session.js';
+import { runPingpong } from './peer/pingpong.js';
+import { RUN_TIMEOUT_STEPS, runPerf, type PerfVerb } from './peer/perftest.js';
 
 const DEVICES = ['rdma', 'rng', 'echo'] as const;
 type DeviceName = (typeof DEVICES)[number];
@@ -165,6 +172,77 @@ async function serve(args: { socket: string; device: DeviceName; logLevel: LogLe
   process.on('SIGTERM', () => stop('SIGTERM'));
 }
 
+// ---------------------------------------------------------------------------
+// pingpong / perf: a host-side peer for rdma-core's and perftest's stock tools
+
+interface PeerCommonArgs {
+  server: string | undefined;
+  gid: string;
+  gidIndex: number;
+  port: number;
+  rocePort: number;
+  pcap: string | undefined;
+  timeout: number;
+  logLevel: LogLevel;
+}
+
+/** Runs one peer command; a failure is one `vrdma: ...` line and exit code 1, never a hang. */
+async function runPeer(args: PeerCommonArgs, what: string, body: (session: ReturnType<typeof openPeerSession>) => Promise<void>): Promise<void> {
+  const log = new Logger(args.logLevel).child(what);
+  let session: ReturnType<typeof openPeerSession> | null = null;
+  // A last guard: whatever the runner awaits has its own deadline, this one catches the rest.
+  const guardMs = args.timeout * (RUN_TIMEOUT_STEPS + 2) + 60_000;
+  const guard = setTimeout(() => {
+    process.stderr.write(`vrdma: ${what}: not finished after ${Math.round(guardMs / 1000)} s, giving up\n`);
+    session?.close();
+    process.exit(1);
+  }, guardMs);
+  guard.unref();
+  const onSignal = (sig: NodeJS.Signals): void => {
+    process.stderr.write(`vrdma: ${what}: ${sig}, stopping\n`);
+    session?.close(); // closes the pcap file with what was recorded
+    process.exit(1);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    session = openPeerSession({ address: args.gid, rocePort: args.rocePort, pcap: args.pcap, log });
+    await body(session);
+    session.close();
+    process.exit(0);
+  } catch (err) {
+    session?.close();
+    if (err instanceof PeerError || err instanceof OobError || err instanceof PingpongMessageError || err instanceof PerftestMessageError || err instanceof RangeError) {
+      process.stderr.write(`vrdma: ${what}: ${err.message}\n`);
+      process.exit(1);
+    }
+    throw err;
+  }
+}
+
+function peerOptions<T>(y: import('yargs').Argv<T>) {
+  return y
+    .positional('server', { type: 'string', describe: 'Server to connect to (TCP); without it, be the server and wait for a client' })
+    .option('gid', { type: 'string', demandOption: true, describe: 'Local IPv4 address: RoCEv2 (UDP 4791) is bound here and it is GID index 0 (::ffff:a.b.c.d)' })
+    .option('gid-index', { alias: 'g', type: 'number', default: 0, describe: 'Local GID index to use (only 0, the --gid address, exists)' })
+    .option('port', { alias: 'p', type: 'number', default: 18515, describe: 'TCP port of the out-of-band exchange' })
+    .option('roce-port', { type: 'number', default: ROCEV2_UDP_PORT, describe: 'UDP port to bind and send RoCEv2 to' })
+    .option('mtu', { alias: 'm', type: 'number', default: 1024, describe: 'Path MTU (256..4096; rxe on a 1500-byte link uses 1024)' })
+    .option('pcap', { type: 'string', describe: 'Record the RoCEv2 traffic in this pcap file (Ethernet/IPv4/UDP frames, for tshark/Wireshark)' })
+    .option('timeout', { type: 'number', default: 30_000, describe: `ms to wait for the peer at each step (connection, message, completion); a perf server waits ${RUN_TIMEOUT_STEPS}× this for the client's run` })
+    .option('log-level', { type: 'string', default: 'warn', describe: 'error | warn | info | debug | trace' })
+    .check((a) => {
+      if (!isLogLevel(a['log-level'] as string)) throw new Error(`unknown log level ${String(a['log-level'])}`);
+      return true;
+    });
+}
+
+function commonArgs(a: { server?: string; gid: string; 'gid-index': number; port: number; 'roce-port': number; pcap?: string; timeout: number; 'log-level': string }): PeerCommonArgs {
+  return { server: a.server, gid: a.gid, gidIndex: a['gid-index'], port: a.port, rocePort: a['roce-port'], pcap: a.pcap, timeout: a.timeout, logLevel: a['log-level'] as LogLevel };
+}
+
+const out = (line: string): void => void process.stdout.write(line + '\n');
+
 await yargs(hideBin(process.argv))
   .scriptName('vrdma')
   .usage('$0 <command> [options]')
@@ -228,6 +306,63 @@ await yargs(hideBin(process.argv))
           },
         },
       }),
+  )
+  .command(
+    'pingpong [server]',
+    'The other end of ibv_rc_pingpong / ibv_ud_pingpong (rdma-core): same TCP exchange, QP settings and message loop, over the soft-RoCE engine.',
+    (y) =>
+      peerOptions(y)
+        .option('ud', { type: 'boolean', default: false, describe: 'UD (ibv_ud_pingpong) instead of RC (ibv_rc_pingpong)' })
+        .option('size', { alias: 's', type: 'number', describe: 'Message size (default 4096 for RC, 1024 for UD: it must fit the MTU)' })
+        .option('iters', { alias: 'n', type: 'number', default: 1000, describe: 'Exchanges' })
+        .option('rx-depth', { alias: 'r', type: 'number', default: 500, describe: 'Receives kept posted' }),
+    async (a) => {
+      const c = commonArgs(a);
+      await runPeer(c, 'pingpong', async (session) => {
+        await runPingpong(session, {
+          server: c.server ?? null,
+          port: c.port,
+          ud: a.ud,
+          size: a.size ?? (a.ud ? Math.min(1024, a.mtu) : 4096),
+          iters: a.iters,
+          mtu: a.mtu,
+          rxDepth: a['rx-depth'],
+          gidIndex: c.gidIndex,
+          timeoutMs: c.timeout,
+          out,
+        });
+      });
+    },
+  )
+  .command(
+    'perf <verb> [server]',
+    'The other end of perftest ib_write_bw / ib_read_bw / ib_send_bw (RC, TCP exchange; run the stock tool with -x <GID index of ::ffff:a.b.c.d>).',
+    (y) =>
+      peerOptions(y.positional('verb', { choices: ['write', 'read', 'send'] as const, demandOption: true, describe: 'RDMA WRITE, RDMA READ or SEND bandwidth' }))
+        .option('size', { alias: 's', type: 'number', default: 65536, describe: 'Message size (give the stock tool the same -s)' })
+        .option('iters', { alias: 'n', type: 'number', default: 5000, describe: 'Messages (give the stock tool the same -n)' })
+        .option('tx-depth', { alias: 't', type: 'number', default: 128, describe: 'Outstanding work requests of the client' })
+        .option('rx-depth', { alias: 'r', type: 'number', default: 512, describe: 'Receives the send server keeps posted' })
+        .option('outs', { alias: 'o', type: 'number', default: 16, describe: 'READ: outstanding reads accepted / issued' }),
+    async (a) => {
+      const c = commonArgs(a);
+      await runPeer(c, `perf ${a.verb}`, async (session) => {
+        await runPerf(session, {
+          verb: a.verb as PerfVerb,
+          server: c.server ?? null,
+          port: c.port,
+          size: a.size,
+          iters: a.iters,
+          txDepth: a['tx-depth'],
+          rxDepth: a['rx-depth'],
+          mtu: a.mtu,
+          gidIndex: c.gidIndex,
+          outReads: a.outs,
+          timeoutMs: c.timeout,
+          out,
+        });
+      });
+    },
   )
   .demandCommand(1)
   .strict()

@@ -18,7 +18,10 @@ step() { printf '[setup] %s\n' "$*" >&2; }
 # cpio, kmod, xz-utils, zstd: the guest image build (it fetches its own busybox).
 # g++, make, python3: node-gyp.
 # tshark, python3-scapy, gcc, zlib1g-dev: independent checks of the RoCEv2 codec and ICRC.
-DEBS=(qemu-system-x86 cpio kmod xz-utils zstd g++ make python3 tshark python3-scapy gcc zlib1g-dev)
+# ibverbs-utils, perftest, rdma-core, ibverbs-providers (librxe), iproute2 (ip netns, rdma): the
+# stock tools the rxe interop test runs in a guest that mounts this host's root over 9p.
+DEBS=(qemu-system-x86 cpio kmod xz-utils zstd g++ make python3 tshark python3-scapy gcc zlib1g-dev
+  ibverbs-utils perftest rdma-core ibverbs-providers iproute2)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
