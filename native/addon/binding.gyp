@@ -4,6 +4,7 @@
       "target_name": "vrdma_native",
       "sources": [
         "src/addon.cc",
+        "src/crc32.cc",
         "src/eventfd.cc",
         "src/fd_watcher.cc",
         "src/js.cc",

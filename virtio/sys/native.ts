@@ -114,6 +114,12 @@ export interface NativeAddon {
    * EAGAIN). Throws when the first of them fails (e.g. EMSGSIZE).
    */
   udpSendBatch(fd: number, buf: Uint8Array, offsets: Uint32Array, meta: Uint32Array, first: number, count: number): number;
+  /**
+   * CRC-32 (IEEE, reflected) register after `buf[offset, offset + length)`,
+   * from register `crc`, no inversions (carry-less multiply where the CPU
+   * has it). Optional: an addon built before it existed lacks it.
+   */
+  crc32Update?(crc: number, buf: Uint8Array, offset: number, length: number): number;
 }
 
 /** An errno-carrying failure from the native layer. */

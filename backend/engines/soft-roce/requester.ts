@@ -19,7 +19,7 @@ import { udpPeer } from './udp-transport.js';
 /** Outstanding PSNs a requester allows before it waits for ACKs. */
 export const SEND_WINDOW = 32;
 /** Ask for an ACK at least this often inside a long message. */
-const ACK_REQ_EVERY = SEND_WINDOW / 2;
+export const ACK_REQ_EVERY = SEND_WINDOW / 2;
 /** Transport bits of UC opcodes (RC opcodes have 0). */
 const TRANSPORT_UC = 0x20;
 
@@ -50,7 +50,8 @@ export class Requester {
       }
       const op = e.wr.opcode;
       const readLike = isReadLike(op);
-      const psn = psnAdd(e.firstPsn, e.sent);
+      // A restarted READ asks for the remainder, numbered from where its responses stopped (rxe_req.c).
+      const psn = psnAdd(e.firstPsn, op === SendOp.RDMA_READ ? e.readPkts : e.sent);
       if (!uc) {
         const outstanding = psnDiff(psn, qp.unackedPsn);
         if (outstanding > 0 && outstanding + (readLike ? 1 : 0) > SEND_WINDOW) return;

@@ -82,6 +82,8 @@ export class RoceQp {
   /** Date.now() at which the armed timers fire (for saveState). */
   retryDeadline = 0;
   rnrDeadline = 0;
+  /** Completer: the PSN last gone back to on a NAK or a gap in responses (-1: none); repeats of the same news are ignored until the timer fires. */
+  wentBackTo = -1;
 
   readonly rq: RecvEntry[] = [];
   /** Responder: expected PSN. */

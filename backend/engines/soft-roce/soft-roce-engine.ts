@@ -60,6 +60,10 @@ export interface SoftRoceOptions {
   capture?: RoceCapture | null;
 }
 
+function sameAddress(a: UdpPeer, b: UdpPeer): boolean {
+  return a.family === b.family && a.words[0] === b.words[0] && a.words[1] === b.words[1] && a.words[2] === b.words[2] && a.words[3] === b.words[3];
+}
+
 export class SoftRoceEngine implements Engine, RoceCore {
   readonly name = 'soft-roce';
   readonly stats: SoftRoceStats = newStats();
@@ -71,6 +75,8 @@ export class SoftRoceEngine implements Engine, RoceCore {
   private readonly qps = new Map<number, RoceQp>();
   private nextQpn = FIRST_QPN;
   private readonly rx = new RocePacket();
+  /** Source of the last datagram received, reused while the next ones come from the same address and port (no object per packet). */
+  private rxSource: UdpPeer | null = null;
   /** Receive-side ICRC check (tolerates rxe's hashed IPv4 IDs, see icrc-verifier.ts). */
   readonly icrc: IcrcVerifier;
   private readonly requester: Requester;
@@ -181,6 +187,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
         qp.sendIdx = 0;
         qp.inMsg = null;
         qp.atomicReplay.length = 0;
+        qp.wentBackTo = -1;
         break;
       case QpState.ERR:
         this.completer.clearTimers(qp);
@@ -342,6 +349,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
     if (capture !== null) this.captureBatch(capture, batch);
     if (this.attached === null || this.suspended) return;
     for (let i = 0; i < batch.count; i++) {
+      this.out.moreInBatch = i + 1 < batch.count;
       if (batch.truncated(i)) {
         this.stats.malformed++;
         continue;
@@ -353,7 +361,8 @@ export class SoftRoceEngine implements Engine, RoceCore {
         this.stats.malformed++;
         continue;
       }
-      const src = batch.source(i);
+      let src = this.rxSource;
+      if (src === null || !batch.isFrom(i, src)) this.rxSource = src = batch.source(i);
       if (!this.icrc.verify(src, batch.buf, off, len)) {
         this.stats.badIcrc++;
         continue;
@@ -362,6 +371,11 @@ export class SoftRoceEngine implements Engine, RoceCore {
       const transport = pkt.opcode & 0xe0;
       const wanted = qp === undefined ? -1 : qp.type === QpType.RC ? TRANSPORT_RC : qp.type === QpType.UC ? TRANSPORT_UC : TRANSPORT_UD;
       if (qp === undefined || transport !== wanted) {
+        this.stats.noQp++;
+        continue;
+      }
+      // RC/UC take packets only from the connected peer's address (rxe_recv.c check_addr; the port may differ).
+      if (transport !== TRANSPORT_UD && (qp.peer === null || !sameAddress(src, qp.peer))) {
         this.stats.noQp++;
         continue;
       }

@@ -245,6 +245,29 @@ describe('UdpTransport', () => {
     expect(Array.from(recvMeta.subarray(0, UDP_META_WORDS))).toEqual([300, UDP_FLAG_TRUNCATED, native.udpInfo(fd).port, 0, 0x7f000002, 0, 0, 0]);
   });
 
+  it('starts every receive slot 4 bytes past an 8-byte boundary, so payload behind a 12-byte BTH lands 8-byte aligned', async () => {
+    const rx = transport({ address: B, port: 0, recvSlots: 8, recvSlotSize: 4160 });
+    const tx = transport({ address: A, port: 0 });
+    const leads: number[] = [];
+    const firsts: number[] = [];
+    rx.onBatch((batch) => {
+      for (let i = 0; i < batch.count; i++) {
+        leads.push((batch.buf.byteOffset + batch.offset(i)) % 8);
+        firsts.push(batch.buf[batch.offset(i)]!);
+      }
+    });
+    for (let k = 0; k < 5; k++) tx.queue(rx.local, new Uint8Array(4108).fill(k + 1));
+    await until(() => leads.length === 5);
+    expect(leads).toEqual([4, 4, 4, 4, 4]);
+    expect(firsts).toEqual([1, 2, 3, 4, 5]);
+    // Explicit leads, and slots that cannot keep one alignment.
+    const none = transport({ address: B, port: 0, recvLead: 0 });
+    expect(none.isClosed).toBe(false);
+    expect(() => new UdpTransport({ address: B, port: 0, recvLead: 8 })).toThrow(RangeError);
+    expect(() => new UdpTransport({ address: B, port: 0, recvSlotSize: 100, recvLead: 4 })).toThrow(RangeError);
+    expect(transport({ address: B, port: 0, recvSlotSize: 100 }).isClosed).toBe(false);
+  });
+
   it('works over IPv6 (::1)', async () => {
     const rx = transport({ address: '::1', port: 0 });
     const tx = transport({ address: '::1', port: 0 });

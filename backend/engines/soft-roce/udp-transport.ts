@@ -40,6 +40,15 @@ export const UDP_MAX_BATCH = 1024;
 /** Default slot: a 4096-byte MTU payload plus room for the RoCE headers. */
 export const DEFAULT_SLOT_SIZE = 4096 + 64;
 export const DEFAULT_SLOTS = 64;
+/**
+ * Default {@link UdpTransportOptions.recvLead}: RoCE puts 12 + 8k header
+ * bytes before bulk payload (BTH; BTH+RETH; BTH+DETH), so slots starting 4
+ * bytes past an 8-byte boundary put that payload on one. It matters because
+ * V8's copies between a SharedArrayBuffer (guest memory) and another buffer
+ * are about 4× slower for a 4 KiB payload when the two differ in alignment
+ * modulo 8 (docs/benchmarks.md).
+ */
+export const DEFAULT_RECV_LEAD = 4;
 
 /**
  * A peer address in the native record form, parsed once and reused for
@@ -220,6 +229,8 @@ export interface UdpTransportOptions {
   sendSlotSize?: number;
   /** recvmmsg calls per readiness callback before yielding to the event loop (default 16). */
   batchesPerWakeup?: number;
+  /** Every receive slot starts this many bytes (0..7) past an 8-byte boundary (default {@link DEFAULT_RECV_LEAD} when recvSlotSize is a multiple of 8, else 0). */
+  recvLead?: number;
 }
 
 export interface UdpTransportStats {
@@ -292,7 +303,12 @@ export class UdpTransport {
     this.sendSlotSize = checkSize('sendSlotSize', options.sendSlotSize ?? DEFAULT_SLOT_SIZE);
     this.batchesPerWakeup = options.batchesPerWakeup ?? 16;
 
-    this.recvBuffer = new Uint8Array(this.recvSlots * recvSlotSize);
+    // Slots of a size that is not a multiple of 8 cannot all share one alignment: no lead by default.
+    const lead = options.recvLead ?? (recvSlotSize % 8 === 0 ? DEFAULT_RECV_LEAD : 0);
+    if (!Number.isInteger(lead) || lead < 0 || lead > 7) throw new RangeError('recvLead must be an integer in 0..7');
+    if (lead !== 0 && recvSlotSize % 8 !== 0) throw new RangeError('recvSlotSize must be a multiple of 8 when recvLead is not 0');
+    // A view `lead` bytes into a fresh (8-byte aligned) buffer: slot i starts at lead + i * slotSize.
+    this.recvBuffer = new Uint8Array(this.recvSlots * recvSlotSize + lead).subarray(lead);
     this.recvMeta = new Uint32Array(this.recvSlots * UDP_META_WORDS);
     this.batch = new UdpBatch(this.recvBuffer, this.recvMeta, recvSlotSize);
     this.sendBuffer = new Uint8Array(this.sendSlots * this.sendSlotSize);

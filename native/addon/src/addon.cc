@@ -15,4 +15,5 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   vrdma::RegisterEventfd(context, exports);
   vrdma::RegisterFdWatcher(context, exports);
   vrdma::RegisterUdp(context, exports);
+  vrdma::RegisterCrc32(context, exports);
 }

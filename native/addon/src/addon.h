@@ -9,5 +9,6 @@ void RegisterSockets(v8::Local<v8::Context> context, v8::Local<v8::Object> expor
 void RegisterMemory(v8::Local<v8::Context> context, v8::Local<v8::Object> exports);
 void RegisterEventfd(v8::Local<v8::Context> context, v8::Local<v8::Object> exports);
 void RegisterFdWatcher(v8::Local<v8::Context> context, v8::Local<v8::Object> exports);
+void RegisterCrc32(v8::Local<v8::Context> context, v8::Local<v8::Object> exports);
 
 }  // namespace vrdma
