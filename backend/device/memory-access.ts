@@ -96,6 +96,12 @@ export class GuestMemoryAccess implements MemoryAccess {
     return WcStatus.SUCCESS;
   }
 
+  remoteCheck(pdn: number, rkey: number, addr: bigint, len: number, right: 'write' | 'read'): WcStatus {
+    if (!Number.isInteger(len) || len < 0) return WcStatus.REM_ACCESS_ERR;
+    const mr = this.resolveRemote(pdn, rkey, addr, len, right === 'write' ? Access.REMOTE_WRITE : Access.REMOTE_READ);
+    return mr === null ? WcStatus.REM_ACCESS_ERR : WcStatus.SUCCESS;
+  }
+
   remoteAtomic(pdn: number, rkey: number, addr: bigint, op: AtomicOp, compareAdd: bigint, swap: bigint): { status: WcStatus; original: bigint } {
     // A misaligned atomic is an invalid request (IBTA), not an access violation.
     if (addr % 8n !== 0n) return { status: WcStatus.REM_INV_REQ_ERR, original: 0n };

@@ -129,6 +129,12 @@ export interface MemoryAccess {
   scatter(pdn: number, sges: readonly Sge[], src: Uint8Array, srcOffset: number, len: number): WcStatus;
   /** Remote RDMA WRITE into [addr, addr+len) of the MR named by `rkey` (needs REMOTE_WRITE). */
   remoteWrite(pdn: number, rkey: number, addr: bigint, src: Uint8Array, srcOffset: number, len: number): WcStatus;
+  /**
+   * Whether a remote access of [addr, addr+len) with `rkey` would be allowed
+   * (REMOTE_WRITE or REMOTE_READ right), touching nothing: a responder checks
+   * a whole RDMA WRITE or READ before its first byte moves.
+   */
+  remoteCheck(pdn: number, rkey: number, addr: bigint, len: number, right: 'write' | 'read'): WcStatus;
   /** Remote RDMA READ of [addr, addr+len) (needs REMOTE_READ). */
   remoteRead(pdn: number, rkey: number, addr: bigint, dst: Uint8Array, dstOffset: number, len: number): WcStatus;
   /** 8-byte aligned atomic at addr (needs REMOTE_ATOMIC); returns the original value. */

@@ -38,16 +38,22 @@ export class Completer {
       return;
     }
     if (op === Opcode.RC_ATOMIC_ACKNOWLEDGE) return this.onAtomicAck(qp, pkt, idx);
-    // READ response: must be the next one expected for this READ, and earlier WRs are implicitly ACKed.
+    // READ response: it acknowledges every WR before its READ, and must be the next one that READ expects.
     const e = qp.sq[idx]!;
-    const expectedPsn = psnAdd(e.firstPsn, e.readPkts);
-    if (e.wr.opcode !== SendOp.RDMA_READ || psnDiff(psn, expectedPsn) !== 0) {
+    if (e.wr.opcode !== SendOp.RDMA_READ) {
       core.stats.ignored++;
-      if (e.wr.opcode === SendOp.RDMA_READ && psnDiff(psn, expectedPsn) > 0) this.retransmit(qp, expectedPsn);
       return;
     }
-    if (this.readLikeBefore(qp, idx)) {
+    if (this.ackBefore(qp, idx)) {
+      // An earlier READ or atomic still lacks responses that should have come first.
       core.stats.ignored++;
+      this.responsesLost(qp, op);
+      return;
+    }
+    const gap = psnDiff(psn, this.headResumePsn(qp));
+    if (gap !== 0) {
+      core.stats.ignored++;
+      if (gap > 0) this.responsesLost(qp, op);
       return;
     }
     const lastOp = op === Opcode.RC_RDMA_READ_RESPONSE_LAST || op === Opcode.RC_RDMA_READ_RESPONSE_ONLY;
@@ -60,7 +66,6 @@ export class Completer {
       core.stats.ignored++;
       return;
     }
-    this.completeThrough(qp, idx - 1);
     const memory = core.memory();
     if (memory === null) return;
     if (n > 0) {
@@ -167,14 +172,10 @@ export class Completer {
       const e = qp.sq[idx]!;
       const done = psnDiff(psn, e.firstPsn) === e.npkts - 1 ? idx : idx - 1;
       // An ACK past an unfinished READ or atomic means its responses were lost.
-      for (let i = 0; i <= done; i++) {
-        if (isReadLike(qp.sq[i]!.wr.opcode)) {
-          this.completeThrough(qp, i - 1);
-          this.retransmit(qp, psnAdd(qp.sq[0]!.firstPsn, qp.sq[0]!.readPkts));
-          return;
-        }
+      if (this.ackBefore(qp, done + 1)) {
+        this.goBack(qp, this.headResumePsn(qp));
+        return;
       }
-      this.completeThrough(qp, done);
       qp.unackedPsn = psnAdd(psn, 1);
       qp.retries = 0;
       qp.rnrRetries = 0;
@@ -182,11 +183,16 @@ export class Completer {
       core.pump(qp);
       return;
     }
-    if (idx < 0) {
+    // A NAK for a PSN already acknowledged is stale (a duplicate, or overtaken by a retransmission).
+    if (idx < 0 || psnDiff(psn, qp.unackedPsn) < 0) {
       core.stats.ignored++;
       return;
     }
-    this.completeThrough(qp, idx - 1);
+    // Responses of an earlier READ or atomic are missing: recover them first (rxe_comp.c does the same).
+    if (this.ackBefore(qp, idx)) {
+      this.goBack(qp, this.headResumePsn(qp));
+      return;
+    }
     if (kind === 'rnr_nak') {
       const limit = qp.attrs.rnrRetry;
       if (limit !== RNR_RETRY_INFINITE && qp.rnrRetries >= limit) {
@@ -202,7 +208,7 @@ export class Completer {
     }
     switch (syn) {
       case Syndrome.NAK_PSN_SEQ_ERROR:
-        this.retransmit(qp, psn);
+        this.goBack(qp, psn);
         return;
       case Syndrome.NAK_REMOTE_ACCESS_ERROR:
         this.finishHead(qp, WcStatus.REM_ACCESS_ERR);
@@ -240,6 +246,50 @@ export class Completer {
     this.completeThrough(qp, 0);
     this.restartRetry(qp);
     core.pump(qp);
+  }
+
+  /**
+   * A response for sq[idx] means the responder executed every request
+   * before it: completes those WRs, stopping at the first READ or atomic,
+   * which needs its own responses. True when it stopped at one (now sq[0]).
+   */
+  private ackBefore(qp: RoceQp, idx: number): boolean {
+    for (let i = 0; i < idx; i++) {
+      if (isReadLike(qp.sq[i]!.wr.opcode)) {
+        this.completeThrough(qp, i - 1);
+        return true;
+      }
+    }
+    this.completeThrough(qp, idx - 1);
+    return false;
+  }
+
+  /**
+   * Responses of the head READ/atomic are missing before this one. The rest
+   * of the burst that overtook the loss is already on its way: asking again
+   * before its last packet has passed would make bursts of the same data
+   * overlap, and a 1 MiB READ would flood the receiver with copies. So ask
+   * at the burst's end; the timer covers a lost last packet.
+   */
+  private responsesLost(qp: RoceQp, op: number): void {
+    if (op === Opcode.RC_RDMA_READ_RESPONSE_LAST || op === Opcode.RC_RDMA_READ_RESPONSE_ONLY) this.goBack(qp, this.headResumePsn(qp));
+  }
+
+  /** Where the head WR resumes: its first response not yet received (READ, atomic). */
+  private headResumePsn(qp: RoceQp): number {
+    const head = qp.sq[0]!;
+    return psnAdd(head.firstPsn, head.readPkts);
+  }
+
+  /**
+   * Retransmits from `psn` on news of a loss (a PSN-sequence NAK, a gap in
+   * responses), once: the rest of a burst that overtook the lost packet,
+   * or a duplicated NAK, tells nothing new until the timer fires.
+   */
+  private goBack(qp: RoceQp, psn: number): void {
+    if (qp.wentBackTo === psn) return;
+    qp.wentBackTo = psn;
+    this.retransmit(qp, psn);
   }
 
   /** Moves the send point back to `psn` without sending. */
@@ -289,6 +339,7 @@ export class Completer {
       return;
     }
     qp.retries++;
+    qp.wentBackTo = -1;
     this.retransmit(qp, qp.unackedPsn);
   }
 }

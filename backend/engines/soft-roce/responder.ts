@@ -104,7 +104,10 @@ export class Responder {
       } else {
         if (!(qp.attrs.accessFlags & Access.REMOTE_WRITE)) return this.nakAccess(qp, 'RDMA WRITE without REMOTE_WRITE on the QP');
         if (withImm && qp.rq[0] === undefined) return this.rnrNak(qp, psn);
-        msg = { kind: 'write', entry: null, offset: 0, va: pkt.reth.va, rkey: pkt.reth.rkey, dmaLength: pkt.reth.dmaLength };
+        // The whole RETH range, before the first byte lands (as rxe does): a refused WRITE changes nothing.
+        const { va, rkey, dmaLength } = pkt.reth;
+        if (dmaLength > 0 && memory.remoteCheck(qp.pdn, rkey, va, dmaLength, 'write') !== WcStatus.SUCCESS) return this.nakAccess(qp, `RDMA WRITE of ${dmaLength} bytes at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`);
+        msg = { kind: 'write', entry: null, offset: 0, va, rkey, dmaLength };
       }
     } else msg = cur;
     if (!isSend && msg.offset + n > msg.dmaLength) return this.invalid(qp, 'RDMA WRITE longer than its DMA length');
@@ -164,7 +167,9 @@ export class Responder {
         msg = { kind: 'send', entry, offset: 0, va: 0n, rkey: 0, dmaLength: 0 };
       } else {
         if (!(qp.attrs.accessFlags & Access.REMOTE_WRITE)) return this.ucDrop(qp, 'RDMA WRITE without REMOTE_WRITE on the QP');
-        msg = { kind: 'write', entry: null, offset: 0, va: pkt.reth.va, rkey: pkt.reth.rkey, dmaLength: pkt.reth.dmaLength };
+        const { va, rkey, dmaLength } = pkt.reth;
+        if (dmaLength > 0 && memory.remoteCheck(qp.pdn, rkey, va, dmaLength, 'write') !== WcStatus.SUCCESS) return this.ucDrop(qp, 'RDMA WRITE refused');
+        msg = { kind: 'write', entry: null, offset: 0, va, rkey, dmaLength };
       }
     } else if (msg === null || msg.kind !== (isSend ? 'send' : 'write')) {
       return this.ucDrop(qp, 'middle or last packet without a first');
@@ -244,16 +249,14 @@ export class Responder {
   private readRespond(qp: RoceQp, memory: MemoryAccess, pkt: RocePacket, fresh: boolean): void {
     const out = this.core.out;
     const psn = pkt.bth.psn;
-    if (!(qp.attrs.accessFlags & Access.REMOTE_READ)) return this.nakAccess(qp, 'RDMA READ without REMOTE_READ on the QP', psn);
+    if (!(qp.attrs.accessFlags & Access.REMOTE_READ)) return this.refuseRead(qp, fresh, psn, 'RDMA READ without REMOTE_READ on the QP');
     const mtu = qp.mtu;
     const total = pkt.reth.dmaLength;
     const va = pkt.reth.va;
     const rkey = pkt.reth.rkey;
     const npkts = Math.max(1, Math.ceil(total / mtu));
-    // Check the whole range before the first response goes out.
-    const probe = memory.remoteRead(qp.pdn, rkey, va, out.staging, 0, 0);
-    const probeEnd = total > 0 ? memory.remoteRead(qp.pdn, rkey, va + BigInt(total - 1), out.staging, 0, 1) : probe;
-    if (probe !== WcStatus.SUCCESS || probeEnd !== WcStatus.SUCCESS) return this.nakAccess(qp, `RDMA READ at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`, psn);
+    // Check the whole range (a zero-length READ checks nothing, like rxe) before the first response goes out.
+    if (total > 0 && memory.remoteCheck(qp.pdn, rkey, va, total, 'read') !== WcStatus.SUCCESS) return this.refuseRead(qp, fresh, psn, `RDMA READ at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`);
     if (fresh) {
       qp.rqPsn = psnAdd(psn, npkts);
       qp.msn = (qp.msn + 1) & PSN_MASK;
@@ -273,6 +276,12 @@ export class Responder {
       }
       out.sendTo(qp);
     }
+  }
+
+  /** A READ the responder will not execute: NAK and ERR when fresh; a duplicate that would fail was never executed as such, so rxe drops it (class D): no NAK, no state change. */
+  private refuseRead(qp: RoceQp, fresh: boolean, psn: number, why: string): void {
+    if (fresh) return this.nakAccess(qp, why, psn);
+    this.core.host().log.debug(`${qp.name}: duplicate READ dropped (${why})`);
   }
 
   private atomicRespond(qp: RoceQp, memory: MemoryAccess, pkt: RocePacket): void {
