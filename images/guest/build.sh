@@ -170,7 +170,8 @@ KEY="inputs=$inputs_hash
 kernel=$KPKG=$KVER
 busybox=busybox-static=$BBVER
 initrd_compress=$INITRD_COMPRESS
-probe=$(bash "$HERE/probe.sh" --key)"
+probe=$(bash "$HERE/probe.sh" --key)
+virtio_rdma=$(bash "$HERE/virtio-rdma.sh" --key)"
 
 if [ "$FORCE" = 0 ] && cache_complete && [ "$(cat "$OUT/stamp")" = "$KEY" ]; then
 	step "up to date: $OUT ($KPKG $KVER)"
@@ -282,6 +283,9 @@ fi
 # headers, cached); placed into the unpacked tree so modules.txt can name it
 PROBE_KO=$(bash "$HERE/probe.sh" --release "$REL" --kernel-version "$KVER") || die "building the virtio-rdma probe module failed (images/guest/probe.sh)"
 install -D -m 0644 "$PROBE_KO" "$KROOT/lib/modules/$REL/extra/virtio_rdma_probe.ko"
+# the guest RDMA driver (virtio-rdma.sh, same way; needs ib_core/ib_uverbs, which modprobe brings)
+VRDMA_KO=$(bash "$HERE/virtio-rdma.sh" --release "$REL" --kernel-version "$KVER") || die "building the virtio-rdma driver failed (images/guest/virtio-rdma.sh)"
+install -D -m 0644 "$VRDMA_KO" "$KROOT/lib/modules/$REL/extra/virtio_rdma.ko"
 
 # ---------------------------------------------------------------- modules
 step "resolving modules for $REL (depmod -b, modprobe --show-depends)"
