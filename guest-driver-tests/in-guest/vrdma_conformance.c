@@ -36,6 +36,7 @@
 #define POLL_TIMEOUT_MS 5000
 #define BUF_SIZE (1 << 20)
 #define QKEY 0x11111111u
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 static struct ibv_context *ctx;
 static struct ibv_device_attr_ex dev_attr;
@@ -91,10 +92,14 @@ struct pair {
 static int side_open(struct pair *p, struct side *s, int access, uint32_t psn,
 		     struct ibv_comp_channel *rch)
 {
+	const struct ibv_device_attr *d = &dev_attr.orig_attr;
+	/* Within the device's limits: the scenarios need 8 WRs, 3 SGEs and 48 inline bytes at most. */
 	struct ibv_qp_init_attr init = {
 		.qp_type = p->type,
-		.cap = { .max_send_wr = 64, .max_recv_wr = 64, .max_send_sge = 4, .max_recv_sge = 4, .max_inline_data = 64 },
+		.cap = { .max_send_wr = MIN(64, d->max_qp_wr), .max_recv_wr = MIN(64, d->max_qp_wr),
+			 .max_send_sge = MIN(4, d->max_sge), .max_recv_sge = MIN(4, d->max_sge), .max_inline_data = 48 },
 	};
+	int cqe = MIN(128, d->max_cqe);
 
 	s->psn = psn;
 	s->buf = aligned_alloc(4096, BUF_SIZE);
@@ -102,8 +107,8 @@ static int side_open(struct pair *p, struct side *s, int access, uint32_t psn,
 	memset(s->buf, 0, BUF_SIZE);
 	s->mr = ibv_reg_mr(p->pd, s->buf, BUF_SIZE, access);
 	CHECK(s->mr, "ibv_reg_mr: %s", strerror(errno));
-	s->scq = ibv_create_cq(ctx, 128, NULL, NULL, 0);
-	s->rcq = ibv_create_cq(ctx, 128, NULL, rch, 0);
+	s->scq = ibv_create_cq(ctx, cqe, NULL, NULL, 0);
+	s->rcq = ibv_create_cq(ctx, cqe, NULL, rch, 0);
 	CHECK(s->scq && s->rcq, "ibv_create_cq: %s", strerror(errno));
 	init.send_cq = s->scq;
 	init.recv_cq = s->rcq;

@@ -1,9 +1,9 @@
 /**
  * The in-guest conformance program (guest-driver-tests/in-guest,
- * vrdma_conformance.c) checked against a verbs implementation nobody here
- * wrote: Linux rdma_rxe in a TCG guest, looping back on its own eth0.
- * This proves the program's expectations before it judges the project's
- * own guest driver.
+ * vrdma_conformance.c), twice: first against a verbs implementation nobody
+ * here wrote — Linux rdma_rxe in a TCG guest, looping back on its own
+ * eth0 — which proves the program's expectations; then against the
+ * project's guest driver on vhost-user-rdma-pci and `vrdma serve`.
  *
  * The guest mounts the host's root read-only over 9p and runs the
  * rdma-core build from images/guest/rdma-core.sh (libibverbs 56.1 with the
@@ -11,9 +11,14 @@
  * user networking with `restrict=on`, so nothing leaves the guest.
  */
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { randomRocePort } from '../../guest-driver-tests/harness.js';
+import { BackendProcess } from '../support/backend-process.js';
 import { runInGuest } from './guest.js';
+import { QEMU_RDMA, RDMA_SHELL, driverFiles, rdmaUserFiles, withDriver } from './vrdma-guest.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 
@@ -57,5 +62,33 @@ describe('vrdma_conformance (in-guest scenarios over libibverbs) against Linux r
     const passed = r.output.split('\n').filter((l) => /^ok \d+ /.test(l));
     expect(passed.length).toBeGreaterThanOrEqual(23);
     expect(r.output).toMatch(/^# \d+ passed, 0 failed$/m);
+  }, 240_000);
+});
+
+describe('vrdma_conformance against the project\'s guest driver (virtio_rdma on vhost-user-rdma-pci + vrdma serve)', () => {
+  it('passes every scenario on virtio_rdma0 with the statuses the verbs specification names', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-conformance-'));
+    const socket = join(dir, 'rdma.sock');
+    const backend = new BackendProcess(['serve', '--socket', socket, '--gid', '127.0.0.1', '--roce-port', String(randomRocePort()), '--cq-slots', '8', '--qp-slots', '8', '--max-pd', '32', '--log-level', 'info']);
+    try {
+      await backend.waitFor(/listening on/);
+      const driver = driverFiles();
+      const r = await runInGuest({
+        qemu: QEMU_RDMA,
+        command: withDriver(driver.order, `${RDMA_SHELL}\nrun vrdma_conformance -d virtio_rdma0 -g 0 -v`),
+        files: { ...driver.files, ...rdmaUserFiles() },
+        sharedMemory: true,
+        extraArgs: ['-chardev', `socket,id=vrdma0,path=${socket}`, '-device', 'vhost-user-rdma-pci,chardev=vrdma0,cq-slots=8,qp-slots=8'],
+        timeoutMs: 180_000,
+      });
+      const failed = r.output.split('\n').filter((l) => l.startsWith('not ok'));
+      expect(failed, `${r.output}\n--- backend ---\n${backend.output.slice(-3000)}`).toEqual([]);
+      expect(r.exitCode, r.output).toBe(0);
+      expect(r.output).toMatch(/^# 23 passed, 0 failed$/m);
+      expect(r.output).toMatch(/^info pds_allocated=32$/m);
+    } finally {
+      await backend.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
   }, 240_000);
 });

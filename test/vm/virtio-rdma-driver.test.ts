@@ -3,31 +3,28 @@
  * images/guest/virtio-rdma.sh) on the vhost-user-rdma-pci QEMU device and
  * `vrdma serve`.
  *
- * The image does not carry ib_core/ib_uverbs yet, so the test puts them
- * (from the guest kernel package, via the build script's deps/) and the
- * driver into the guest as files and insmods them in dependency order.
- * User space is driven two ways: uverbs_smoke (native/guest/virtio_rdma/
- * selftest, built static here with the host's gcc) speaks the kernel's
- * uverbs write() ABI directly; and the host's unmodified rdma-core tools
- * (Debian 12, libibverbs 44.0) run with their libraries and the project's
- * provider (native/guest/rdma-core-provider, built by images/guest/rdma-core.sh)
- * copied into the guest.
+ * The test puts ib_core/ib_uverbs (from the guest kernel package, via the
+ * build script's deps/) and the driver into the guest as files and insmods
+ * them in dependency order. User space is driven two ways: uverbs_smoke
+ * (native/guest/virtio_rdma/selftest, built static here with the host's
+ * gcc) speaks the kernel's uverbs write() ABI directly; and unmodified
+ * rdma-core tools and perftest run on libibverbs 56.1 with the project's
+ * provider built in the same rdma-core tree (see vrdma-guest.ts).
  *
  * FAILS when the patched QEMU is missing (`bash images/qemu/build.sh`) or
  * the guest image is not built (`bash images/guest/build.sh`).
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { homedir, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { BackendProcess, PROJECT_ROOT } from '../support/backend-process.js';
-import { runInGuest, type GuestFile } from './guest.js';
+import { runInGuest } from './guest.js';
+import { QEMU_RDMA, RDMA_SHELL, driverFiles, loadModules, rdmaUserFiles, withDriver } from './vrdma-guest.js';
 
-const QEMU =
-  process.env.VRDMA_QEMU_RDMA ||
-  join(process.env.VRDMA_CACHE || join(homedir(), '.cache', 'vrdma'), 'qemu', 'current', 'bin', 'qemu-system-x86_64');
+const QEMU = QEMU_RDMA;
 
 const CQ_SLOTS = 4;
 const QP_SLOTS = 8;
@@ -39,44 +36,6 @@ function buildSmoke(dir: string): Uint8Array {
   const out = join(dir, 'uverbs_smoke');
   execFileSync('gcc', ['-static', '-O2', '-Wall', '-Werror', '-Wno-psabi', '-o', out, join(PROJECT_ROOT, 'native', 'guest', 'virtio_rdma', 'selftest', 'uverbs_smoke.c')]);
   return readFileSync(out);
-}
-
-const RDMA_TOOLS = ['ibv_devices', 'ibv_devinfo', 'ibv_rc_pingpong', 'ibv_ud_pingpong', 'ib_write_bw', 'ib_send_bw', 'ib_read_lat'];
-
-/**
- * The host's (Debian 12's) rdma-core tools and every library they load, with
- * libibverbs 44.0, plus the project's provider (native/guest/rdma-core-provider,
- * built in rdma-core 56.1 by images/guest/rdma-core.sh; both have the provider
- * ABI IBVERBS_PRIVATE_34), as guest files: bin/, lib/. The busybox guest runs
- * them through lib/ld-linux-x86-64.so.2.
- */
-function rdmaCoreFiles(): Record<string, Uint8Array | GuestFile> {
-  const root = execFileSync('bash', [join(PROJECT_ROOT, 'images', 'guest', 'rdma-core.sh')], { encoding: 'utf8' }).trim();
-  const provider = join(root, 'opt', 'vrdma', 'rdma-core', 'lib', 'libibverbs');
-  const files: Record<string, Uint8Array | GuestFile> = {};
-  const bins = [...RDMA_TOOLS.map((t) => `/usr/bin/${t}`), '/usr/bin/rdma']; // rdma: iproute2
-  const libs = new Set<string>();
-  for (const line of execFileSync('ldd', bins, { encoding: 'utf8' }).split('\n')) {
-    const m = /=> (\/\S+)/.exec(line) ?? /^\s*(\/\S*ld-linux\S*)/.exec(line);
-    if (m) libs.add(m[1]!);
-  }
-  for (const b of bins) files[`bin/${b.slice(b.lastIndexOf('/') + 1)}`] = { data: readFileSync(b), mode: 0o755 };
-  for (const l of libs) files[`lib/${l.slice(l.lastIndexOf('/') + 1)}`] = { data: readFileSync(l), mode: 0o755 };
-  for (const f of readdirSync(provider).filter((f) => f.startsWith('libvirtio_rdma-'))) files[`lib/${f}`] = readFileSync(join(provider, f));
-  return files;
-}
-
-/** Guest files: the driver and the RDMA core modules it needs, in load order. */
-function driverFiles(): { files: Record<string, Uint8Array | GuestFile>; order: string[] } {
-  const ko = execFileSync('bash', [join(PROJECT_ROOT, 'images', 'guest', 'virtio-rdma.sh')], { encoding: 'utf8' }).trim();
-  const deps = join(dirname(ko), 'deps');
-  const order = readFileSync(join(deps, 'order'), 'utf8').split('\n').filter(Boolean).map((f) => `deps/${f}`);
-  const files: Record<string, Uint8Array | GuestFile> = {
-    'virtio_rdma.ko': readFileSync(ko),
-    'vrdma_kselftest.ko': readFileSync(join(dirname(ko), 'vrdma_kselftest.ko')),
-  };
-  for (const f of readdirSync(deps)) files[`deps/${f}`] = readFileSync(join(deps, f));
-  return { files, order: [...order, 'virtio_rdma.ko'] };
 }
 
 const SYSFS = [
@@ -101,16 +60,6 @@ echo "R state=$(cat $D/ports/1/state) gid0=$(cat $D/ports/1/gids/0)"
 rmmod virtio_rdma
 dmesg | grep -E 'virtio_rdma|infiniband' | sed 's/^\[[ 0-9.]*\] /K /'
 `;
-}
-
-/** Shell: insmod each module file unless a module of that name is already loaded (the image may carry ib_core). */
-function loadModules(order: string[]): string {
-  return `for m in ${order.join(' ')}; do n=$(basename $m .ko); grep -q "^$n " /proc/modules || insmod $m; done`;
-}
-
-/** Loads the modules, then runs `body`. */
-function withDriver(order: string[], body: string): string {
-  return `set -e\n${loadModules(order)}\n${body}`;
 }
 
 /** "key=value key=value" on the line starting with `prefix`, as numbers. */
@@ -284,10 +233,7 @@ echo "reloaded state=$(cat /sys/class/infiniband/virtio_rdma0/ports/1/state)"
   it('is listed by rdma link and by unmodified rdma-core tools through the virtio_rdma provider, and runs ibv_rc_pingpong and ibv_ud_pingpong', async () => {
     const res = await boot(withDriver(guest.order, String.raw`
 ip link set lo up
-mkdir -p /etc/libibverbs.d
-echo "driver /vrdma/lib/libvirtio_rdma" > /etc/libibverbs.d/virtio_rdma.driver
-run() { t=$1; shift; /vrdma/lib/ld-linux-x86-64.so.2 --library-path /vrdma/lib /vrdma/bin/$t "$@"; }
-wait_listen() { p=$(printf '%04X' $1); for i in $(seq 200); do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ":$p [0-9A-F]*:0000 0A" && return 0; sleep 0.05; done; echo "nothing listens on port $1"; }
+${RDMA_SHELL}
 run ibv_devices
 run ibv_devinfo -v
 run rdma link show
@@ -302,7 +248,7 @@ wait_listen 18515
 run ibv_ud_pingpong -d virtio_rdma0 -g 0 -n 20 -s 512 -r 16 127.0.0.1 > ud-client.log 2>&1 || echo "ud client exit $?"
 wait $! || true
 echo "--- ud server"; cat ud-server.log; echo "--- ud client"; cat ud-client.log
-`), { ...guest.files, ...rdmaCoreFiles() });
+`), { ...guest.files, ...rdmaUserFiles() });
     const out = res.output;
     expect(out).toMatch(/^\s+virtio_rdma0\s+020000fffe000001$/m); // ibv_devices
     // iproute2's rdma tool (netlink): the link is up, shown IB-style (an IB-protocol port, no netdev)
@@ -334,10 +280,7 @@ echo "--- ud server"; cat ud-server.log; echo "--- ud client"; cat ud-client.log
   it('runs perftest ib_write_bw, ib_send_bw and ib_read_lat between two processes', async () => {
     const res = await boot(withDriver(guest.order, String.raw`
 ip link set lo up
-mkdir -p /etc/libibverbs.d
-echo "driver /vrdma/lib/libvirtio_rdma" > /etc/libibverbs.d/virtio_rdma.driver
-run() { t=$1; shift; /vrdma/lib/ld-linux-x86-64.so.2 --library-path /vrdma/lib /vrdma/bin/$t "$@"; }
-wait_listen() { p=$(printf '%04X' $1); for i in $(seq 200); do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ":$p [0-9A-F]*:0000 0A" && return 0; sleep 0.05; done; echo "nothing listens on port $1"; }
+${RDMA_SHELL}
 # queue depths within the back-end's limits (max_qp_wr ${LIMITS.maxQpWr})
 for t in ib_write_bw ib_send_bw ib_read_lat; do
   o="-d virtio_rdma0 -x 0 -n 50 -t 16 -s 4096 -p 18515"
@@ -348,7 +291,7 @@ for t in ib_write_bw ib_send_bw ib_read_lat; do
   wait $! || echo "$t server exit $?"
   echo "--- $t server"; cat $t-server.log; echo "--- $t client"; cat $t-client.log
 done
-`), { ...guest.files, ...rdmaCoreFiles() });
+`), { ...guest.files, ...rdmaUserFiles() });
     const out = res.output;
     expect(out, out).not.toMatch(/exit \d+$|nothing listens/m);
     const section = (name: string) => out.slice(out.indexOf(`--- ${name}`)).split('\n--- ')[0]!;
