@@ -24,17 +24,23 @@ export function ipv4Gid(address: string): Uint8Array {
   return new Uint8Array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a >>> 24, (a >>> 16) & 0xff, (a >>> 8) & 0xff, a & 0xff]);
 }
 
-/** The address bytes of an endpoint, network order (4 for IPv4, 16 for IPv6). */
-export function peerBytes(p: UdpPeer): Uint8Array {
+/** Writes an endpoint's address bytes, network order (4 for IPv4, 16 for IPv6), into `out` from `at`. */
+export function putPeerBytes(out: Uint8Array, p: UdpPeer, at = 0): void {
   const n = p.family === 4 ? 1 : 4;
-  const out = new Uint8Array(n * 4);
   for (let w = 0; w < n; w++) {
     const v = p.words[w]!;
-    out[w * 4] = v >>> 24;
-    out[w * 4 + 1] = (v >>> 16) & 0xff;
-    out[w * 4 + 2] = (v >>> 8) & 0xff;
-    out[w * 4 + 3] = v & 0xff;
+    const o = at + w * 4;
+    out[o] = v >>> 24;
+    out[o + 1] = (v >>> 16) & 0xff;
+    out[o + 2] = (v >>> 8) & 0xff;
+    out[o + 3] = v & 0xff;
   }
+}
+
+/** The address bytes of an endpoint, network order (4 for IPv4, 16 for IPv6). */
+export function peerBytes(p: UdpPeer): Uint8Array {
+  const out = new Uint8Array(p.family === 4 ? 4 : 16);
+  putPeerBytes(out, p);
   return out;
 }
 

@@ -10,6 +10,7 @@
  * same header, so a reader checking the ICRC finds it good. MAC addresses
  * are made up from the IP address (locally administered 02:00:a.b.c.d).
  */
+import { peerBytes } from './addressing.js';
 import { type EthernetAddresses, type RoceFlow, headersLength, writeFrameHeaders } from './frame.js';
 import { IPV4_DF } from './icrc.js';
 import { type PcapOptions, PcapWriter } from './pcap.js';
@@ -31,19 +32,6 @@ export interface RoceCapture {
 /** Milliseconds since the Unix epoch (fractional), from the monotonic clock. */
 export function captureNowMs(): number {
   return performance.timeOrigin + performance.now();
-}
-
-function peerBytes(p: UdpPeer): Uint8Array {
-  const n = p.family === 4 ? 1 : 4;
-  const out = new Uint8Array(n * 4);
-  for (let w = 0; w < n; w++) {
-    const v = p.words[w]!;
-    out[w * 4] = v >>> 24;
-    out[w * 4 + 1] = (v >>> 16) & 0xff;
-    out[w * 4 + 2] = (v >>> 8) & 0xff;
-    out[w * 4 + 3] = v & 0xff;
-  }
-  return out;
 }
 
 /** A locally administered MAC standing for an IP address: 02:00 and its last four bytes. */

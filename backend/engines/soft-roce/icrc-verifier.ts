@@ -21,6 +21,7 @@
  * exact check only; one packet that passes only with a recovered ID makes
  * it a hashed-ID sender (rxe), checked modulo the ID from then on.
  */
+import { putPeerBytes } from './addressing.js';
 import type { IcrcPath } from './icrc.js';
 import { ICRC_SIZE, IPV4_DF, icrc, readIcrc } from './icrc.js';
 import type { UdpPeer } from './udp-transport.js';
@@ -91,8 +92,8 @@ export class IcrcVerifier {
   recoveredIds = 0;
 
   constructor(private readonly local: UdpPeer) {
-    putWords(this.v4.dst, local, 1);
-    putWords(this.v6.dst, local, 4);
+    putPeerBytes(this.v4.dst, local);
+    putPeerBytes(this.v6.dst, local);
     this.v4.dport = local.port;
     this.v6.dport = local.port;
   }
@@ -102,12 +103,12 @@ export class IcrcVerifier {
     if (len < BTH_SIZE + ICRC_SIZE || src.family !== this.local.family) return false;
     const covered = len - ICRC_SIZE;
     if (src.family === 6) {
-      putWords(this.v6.src, src, 4);
+      putPeerBytes(this.v6.src, src);
       this.v6.sport = src.port;
       return icrc(this.v6, pkt, off, covered) === readIcrc(pkt, off + covered);
     }
     const path = this.v4;
-    putWords(path.src, src, 1);
+    putPeerBytes(path.src, src);
     path.sport = src.port;
     const key = src.words[0] * 0x1_0000 + src.port;
     let sender = this.senders.get(key);
@@ -127,15 +128,5 @@ export class IcrcVerifier {
   /** What a sender was classified as (tests, diagnostics). */
   kindOf(src: UdpPeer): SenderKind | null {
     return src.family === 4 ? (this.senders.get(src.words[0] * 0x1_0000 + src.port)?.kind ?? null) : 'zero-id';
-  }
-}
-
-function putWords(out: Uint8Array, p: UdpPeer, n: number): void {
-  for (let w = 0; w < n; w++) {
-    const v = p.words[w]!;
-    out[w * 4] = v >>> 24;
-    out[w * 4 + 1] = (v >>> 16) & 0xff;
-    out[w * 4 + 2] = (v >>> 8) & 0xff;
-    out[w * 4 + 3] = v & 0xff;
   }
 }

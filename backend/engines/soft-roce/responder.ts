@@ -44,13 +44,9 @@ export class Responder {
 
   /** An RC request (SEND, WRITE, READ, atomic). */
   onRequest(qp: RoceQp, pkt: RocePacket): void {
-    const core = this.core;
-    if (!receiving(qp.attrs.state) || qp.peer === null || qp.path === null) {
-      core.stats.noQp++;
-      return;
-    }
-    const memory = core.memory();
+    const memory = this.connected(qp);
     if (memory === null) return;
+    const core = this.core;
     const op = pkt.opcode;
     const psn = pkt.bth.psn;
     const d = psnDiff(psn, qp.rqPsn);
@@ -141,12 +137,7 @@ export class Responder {
 
   /** A UC request: like RC without ACKs; errors drop the message, a PSN gap discards the partial one. */
   onUcRequest(qp: RoceQp, pkt: RocePacket): void {
-    const core = this.core;
-    if (!receiving(qp.attrs.state) || qp.peer === null || qp.path === null) {
-      core.stats.noQp++;
-      return;
-    }
-    const memory = core.memory();
+    const memory = this.connected(qp);
     if (memory === null) return;
     const op = pkt.opcode & 0x1f; // the RC opcode of the same shape
     const psn = pkt.bth.psn;
@@ -227,6 +218,15 @@ export class Responder {
     const c = recvCompletion(WcStatus.SUCCESS, WcOpcode.RECV, GRH_SIZE + n, WcFlag.GRH | (withImm ? WcFlag.WITH_IMM : 0), withImm ? pkt.immDt.imm : 0, srcQp);
     c.solicited = pkt.bth.se;
     host.recvDone(qp.qpn, entry.token, c);
+  }
+
+  /** Guest memory for a request to a connected QP that receives; null drops the request (counted when the QP does not receive). */
+  private connected(qp: RoceQp): MemoryAccess | null {
+    if (!receiving(qp.attrs.state) || qp.peer === null || qp.path === null) {
+      this.core.stats.noQp++;
+      return null;
+    }
+    return this.core.memory();
   }
 
   /** A finished SEND, or WRITE with immediate, completes the head receive WQE. */
