@@ -170,7 +170,6 @@ KEY="inputs=$inputs_hash
 kernel=$KPKG=$KVER
 busybox=busybox-static=$BBVER
 initrd_compress=$INITRD_COMPRESS
-probe=$(bash "$HERE/probe.sh" --key)
 virtio_rdma=$(bash "$HERE/virtio-rdma.sh" --key)"
 
 if [ "$FORCE" = 0 ] && cache_complete && [ "$(cat "$OUT/stamp")" = "$KEY" ]; then
@@ -279,11 +278,9 @@ else
 	warn "kernel has no CONFIG_PVH; QEMU cannot boot its vmlinux directly, booting the bzImage"
 fi
 
-# out-of-tree virtio-rdma probe (probe.sh: built against this release's
-# headers, cached); placed into the unpacked tree so modules.txt can name it
-PROBE_KO=$(bash "$HERE/probe.sh" --release "$REL" --kernel-version "$KVER") || die "building the virtio-rdma probe module failed (images/guest/probe.sh)"
-install -D -m 0644 "$PROBE_KO" "$KROOT/lib/modules/$REL/extra/virtio_rdma_probe.ko"
-# the guest RDMA driver (virtio-rdma.sh, same way; needs ib_core/ib_uverbs, which modprobe brings)
+# the out-of-tree guest RDMA driver (virtio-rdma.sh: built against this
+# release's headers, cached); placed into the unpacked tree so modules.txt
+# can name it, and modprobe brings ib_core/ib_uverbs with it
 VRDMA_KO=$(bash "$HERE/virtio-rdma.sh" --release "$REL" --kernel-version "$KVER") || die "building the virtio-rdma driver failed (images/guest/virtio-rdma.sh)"
 install -D -m 0644 "$VRDMA_KO" "$KROOT/lib/modules/$REL/extra/virtio_rdma.ko"
 
