@@ -55,7 +55,7 @@ fi
 step "compiling TypeScript"
 npx --no-install tsc -p tsconfig.json
 
-# --- guest image for the VM tests (kernel, initramfs, probe module) ---------
+# --- guest image for the VM tests (kernel, initramfs, guest driver) ---------
 bash images/guest/build.sh
 
 # rdma-core 56.1 + the virtio_rdma provider + the in-guest conformance program (cached)
