@@ -1,17 +1,9 @@
 import { crc32 as zlibCrc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
+import { pattern } from './test-support.js';
 import { native } from '../../../virtio/sys/native.js';
 import { NATIVE_MIN, ZLIB_MIN, crc32, crc32Update, crc32UpdateBytewise, crc32UpdateTables, crc32UpdateZlib } from './crc32.js';
 
-function bytes(len: number, seed: number): Uint8Array {
-  const out = new Uint8Array(len);
-  let x = seed;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    out[i] = x >>> 24;
-  }
-  return out;
-}
 
 const STARTS = [0, 0xffffffff, 0xdebb20e3, 0x80000001];
 
@@ -21,7 +13,7 @@ describe('crc32: the native, zlib and table paths agree with the byte-at-a-time 
   });
 
   it('native crc32Update matches byte-at-a-time for every length 0..600 at odd offsets, from any start register', () => {
-    const d = bytes(700, 3);
+    const d = pattern(700, 3);
     for (let len = 0; len <= 600; len++) {
       for (const off of [0, 1, 7, 13]) {
         for (const start of STARTS) expect(native.crc32Update!(start, d, off, len), `len ${len} off ${off}`).toBe(crc32UpdateBytewise(start, d, off, len));
@@ -30,7 +22,7 @@ describe('crc32: the native, zlib and table paths agree with the byte-at-a-time 
   });
 
   it('native crc32Update matches on packet and message sizes, and on SharedArrayBuffer views (guest memory)', () => {
-    const d = bytes(70_000, 5);
+    const d = pattern(70_000, 5);
     const shared = new Uint8Array(new SharedArrayBuffer(70_000));
     shared.set(d);
     for (const len of [1040, 4096, 4099, 4112, 65_536, 69_990]) {
@@ -42,14 +34,14 @@ describe('crc32: the native, zlib and table paths agree with the byte-at-a-time 
   });
 
   it('native crc32Update refuses a range outside the buffer instead of reading past it', () => {
-    const d = bytes(100, 1);
+    const d = pattern(100, 1);
     expect(() => native.crc32Update!(0, d, 90, 11)).toThrow(RangeError);
     expect(() => native.crc32Update!(0, d.subarray(50), 0, 51)).toThrow(RangeError);
     expect(() => native.crc32Update!(-1, d, 0, 1)).toThrow(RangeError);
   });
 
   it('the table code and the zlib path match zlib past the lengths where crc32Update hands over', () => {
-    const backing = bytes(70_000, 5);
+    const backing = pattern(70_000, 5);
     for (const [start, len] of [
       [0, NATIVE_MIN],
       [0, ZLIB_MIN],
@@ -65,14 +57,14 @@ describe('crc32: the native, zlib and table paths agree with the byte-at-a-time 
   });
 
   it('crc32Update gives the same register on both sides of each hand-over length', () => {
-    const d = bytes(3 * ZLIB_MIN, 9);
+    const d = pattern(3 * ZLIB_MIN, 9);
     for (const len of [NATIVE_MIN - 1, NATIVE_MIN, ZLIB_MIN - 1, ZLIB_MIN, 2 * ZLIB_MIN + 7]) {
       for (const start of STARTS) expect(crc32Update(start, d, 5, len)).toBe(crc32UpdateBytewise(start, d, 5, len));
     }
   });
 
   it('composes across the hand-over: a short piece then a long one equals one update', () => {
-    const d = bytes(4112, 13);
+    const d = pattern(4112, 13);
     const whole = crc32Update(0xdebb20e3, d, 0, d.length);
     const pieces = crc32Update(crc32Update(0xdebb20e3, d, 0, 48), d, 48, d.length - 48);
     expect(pieces).toBe(whole);

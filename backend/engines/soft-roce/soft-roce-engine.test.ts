@@ -14,7 +14,7 @@ import { FrameInfo, headersLength, parseFrame } from './frame.js';
 import { checkIcrc } from './icrc.js';
 import { Opcode } from './opcodes.js';
 import { readPcap } from './pcap.js';
-import { hasTshark, runTshark, tsharkArgs } from './test-support.js';
+import { hasTshark, pattern, runTshark, tsharkArgs } from './test-support.js';
 import { SoftRoceEngine, gidToAddress, ipv4Gid, psnAdd, psnDiff } from './soft-roce-engine.js';
 import { udpPeer } from './udp-transport.js';
 
@@ -95,15 +95,6 @@ function mr(s: Side, length: number, acc = ALL): Buf {
   };
 }
 
-function pattern(len: number, seed: number): Uint8Array {
-  const out = new Uint8Array(len);
-  let x = seed;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    out[i] = x >>> 24;
-  }
-  return out;
-}
 
 function attrs(over: Partial<QpAttributes>): QpAttributes {
   return {
