@@ -80,6 +80,11 @@ export class PacketOut {
     this.send(qp.peer!, qp.path!);
   }
 
+  /** Hands what is queued to the kernel now (outside the receive path, which flushes at the end of a batch). */
+  flush(): void {
+    this.transport.flush();
+  }
+
   /** ACK, NAK or RNR NAK for `psn` carrying the QP's MSN. */
   ack(qp: RoceQp, psn: number, syndrome: number): void {
     if (syndromeKind(syndrome) === 'nak') this.stats.naksSent++;

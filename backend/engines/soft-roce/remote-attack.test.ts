@@ -245,6 +245,33 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
     await healthy();
   });
 
+  it('a 256 KiB READ then at once a SEND: the 256 responses go out paced, then one PSN-sequence NAK asks for the SEND again; other QPs are served meanwhile', async () => {
+    const healthy = healthyTraffic();
+    const qx = victimQp();
+    const mr = region(v, 256 * 1024);
+    fillPattern(mr.bytes, 0x5eed);
+    const rq = region(v, 4096);
+    // Posted past the recording host's bookkeeping: it must stay unconsumed, not complete.
+    v.engine.postRecv(qx, { wrId: 0n, sges: [rq.sge(0, 4096)], length: 4096 }, 0x7fff_0000);
+    // What the victim sends to the attacker, in order (the attacker's socket may not keep up).
+    const sent: number[] = [];
+    v.engine.outgoingHook = (x) => {
+      if (((x[5]! << 16) | (x[6]! << 8) | x[7]!) === ATTACKER_QPN) sent.push(x[0]!);
+      return true;
+    };
+    await send({ opcode: Opcode.RC_RDMA_READ_REQUEST, destQp: qx, va: mr.iova, rkey: mr.rkey, dmaLength: 256 * 1024 });
+    await send({ opcode: Opcode.RC_SEND_ONLY, psn: EPSN + 256, destQp: qx, payload: new Uint8Array(16).fill(0x5e) });
+    await until(() => sent.includes(Opcode.RC_ACKNOWLEDGE), 5000, 'the NAK after the READ');
+    const got = await replies();
+    expect(sent.filter((op) => op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_RDMA_READ_RESPONSE_ONLY)).toHaveLength(256);
+    expect(sent.at(-1)).toBe(Opcode.RC_ACKNOWLEDGE);
+    expect(sent.filter((op) => op === Opcode.RC_ACKNOWLEDGE)).toHaveLength(1);
+    expect(got.filter((r) => r.opcode === Opcode.RC_ACKNOWLEDGE)).toMatchObject([nak(EPSN + 256, Syndrome.NAK_PSN_SEQ_ERROR)]);
+    expect(v.host.recvsOf(qx)).toEqual([]); // the SEND was not taken
+    expect(qpState(qx)).toBe(QpState.RTS);
+    await healthy();
+  });
+
   it('RDMA READ past the MR end: NAK remote access error before any response, victim QP to ERR', async () => {
     const healthy = healthyTraffic();
     const qx = victimQp();

@@ -21,6 +21,8 @@ import type { UdpPeer } from './udp-transport.js';
 
 /** Atomic replay records a responder keeps (rxe: max_dest_rd_atomic resources). */
 const ATOMIC_REPLAY_MAX = 16;
+/** READ responses a QP sends per turn of the event loop. */
+export const READ_BURST = 64;
 
 function isSendFirstOrOnly(op: number): boolean {
   return op === Opcode.RC_SEND_FIRST || op === Opcode.RC_SEND_ONLY || op === Opcode.RC_SEND_ONLY_WITH_IMMEDIATE;
@@ -50,6 +52,13 @@ export class Responder {
     const op = pkt.opcode;
     const psn = pkt.bth.psn;
     const d = psnDiff(psn, qp.rqPsn);
+    // While READ responses go out, answering anything else could ACK past the READ before its data
+    // arrives (an implied NAK): only READs are taken (queued, or restarted); the rest is asked for again later.
+    if (qp.readJobs.length > 0 && op !== Opcode.RC_RDMA_READ_REQUEST) {
+      core.stats.ignored++;
+      qp.droppedWhileReading = true;
+      return;
+    }
     if (d > 0) {
       // A gap: ask once for the missing packets.
       core.stats.ignored++;
@@ -247,38 +256,101 @@ export class Responder {
   }
 
   private readRespond(qp: RoceQp, memory: MemoryAccess, pkt: RocePacket, fresh: boolean): void {
-    const out = this.core.out;
     const psn = pkt.bth.psn;
     if (!(qp.attrs.accessFlags & Access.REMOTE_READ)) return this.refuseRead(qp, fresh, psn, 'RDMA READ without REMOTE_READ on the QP');
-    const mtu = qp.mtu;
     const total = pkt.reth.dmaLength;
     const va = pkt.reth.va;
     const rkey = pkt.reth.rkey;
-    const npkts = Math.max(1, Math.ceil(total / mtu));
+    const npkts = Math.max(1, Math.ceil(total / qp.mtu));
     // Check the whole range (a zero-length READ checks nothing, like rxe) before the first response goes out.
     if (total > 0 && memory.remoteCheck(qp.pdn, rkey, va, total, 'read') !== WcStatus.SUCCESS) return this.refuseRead(qp, fresh, psn, `RDMA READ at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`);
+    const jobs = qp.readJobs;
     if (fresh) {
       qp.rqPsn = psnAdd(psn, npkts);
       qp.msn = (qp.msn + 1) & PSN_MASK;
+    } else {
+      // A repeated READ (its responses were lost): it and everything after it start over, from here.
+      for (let i = jobs.length - 1; i >= 0; i--) if (psnDiff(psnAdd(jobs[i]!.psn, jobs[i]!.npkts - 1), psn) >= 0) jobs.splice(i, 1);
     }
-    for (let i = 0; i < npkts; i++) {
-      const first = i === 0;
-      const last = i === npkts - 1;
-      const op = first && last ? Opcode.RC_RDMA_READ_RESPONSE_ONLY : first ? Opcode.RC_RDMA_READ_RESPONSE_FIRST : last ? Opcode.RC_RDMA_READ_RESPONSE_LAST : Opcode.RC_RDMA_READ_RESPONSE_MIDDLE;
-      const res = out.start(qp, op, psnAdd(psn, i), false);
-      res.aeth.syndrome = Syndrome.ACK_UNLIMITED;
-      res.aeth.msn = qp.msn;
-      const n = Math.min(mtu, total - i * mtu);
-      res.payloadLength = n;
-      if (n > 0) {
-        const s = memory.remoteRead(qp.pdn, rkey, va + BigInt(i * mtu), out.staging, out.payloadOffset, n);
-        if (s !== WcStatus.SUCCESS) return this.nakAccess(qp, 'RDMA READ refused mid-way', psnAdd(psn, i));
+    jobs.push({ psn, va, rkey, total, npkts, next: 0 });
+    if (jobs.length === 1) this.sendReadResponses(qp, memory);
+  }
+
+  /**
+   * Sends up to READ_BURST responses of the QP's oldest READs, then gives
+   * the event loop back: a READ of any size neither blocks the back-end nor
+   * outruns the socket. The rest goes from the next turn.
+   */
+  private sendReadResponses(qp: RoceQp, memory: MemoryAccess): void {
+    const out = this.core.out;
+    const mtu = qp.mtu;
+    let budget = READ_BURST;
+    while (budget > 0 && qp.readJobs.length > 0) {
+      const job = qp.readJobs[0]!;
+      for (; job.next < job.npkts && budget > 0; job.next++, budget--) {
+        const i = job.next;
+        const first = i === 0;
+        const last = i === job.npkts - 1;
+        const op = first && last ? Opcode.RC_RDMA_READ_RESPONSE_ONLY : first ? Opcode.RC_RDMA_READ_RESPONSE_FIRST : last ? Opcode.RC_RDMA_READ_RESPONSE_LAST : Opcode.RC_RDMA_READ_RESPONSE_MIDDLE;
+        const res = out.start(qp, op, psnAdd(job.psn, i), false);
+        res.aeth.syndrome = Syndrome.ACK_UNLIMITED;
+        res.aeth.msn = qp.msn;
+        const n = Math.min(mtu, job.total - i * mtu);
+        res.payloadLength = n;
+        if (n > 0) {
+          // The MR may have gone since the request was checked.
+          const s = memory.remoteRead(qp.pdn, job.rkey, job.va + BigInt(i * mtu), out.staging, out.payloadOffset, n);
+          if (s !== WcStatus.SUCCESS) {
+            qp.readJobs.length = 0;
+            return this.nakAccess(qp, 'RDMA READ refused mid-way', psnAdd(job.psn, i));
+          }
+        }
+        out.sendTo(qp);
       }
-      out.sendTo(qp);
+      if (job.next === job.npkts) qp.readJobs.shift();
+    }
+    if (qp.readJobs.length > 0) {
+      this.reading.add(qp);
+      if (!this.readTurnScheduled) {
+        this.readTurnScheduled = true;
+        setImmediate(this.readTurn);
+      }
+    } else if (qp.droppedWhileReading) {
+      // Requests that came meanwhile were dropped: ask for them again now that the READs are answered.
+      qp.droppedWhileReading = false;
+      qp.nakSent = true;
+      out.ack(qp, qp.rqPsn, Syndrome.NAK_PSN_SEQ_ERROR);
     }
   }
 
-  /** A READ the responder will not execute: NAK and ERR when fresh; a duplicate that would fail was never executed as such, so rxe drops it (class D): no NAK, no state change. */
+  /** QPs with READ responses left for the next turn. */
+  private readonly reading = new Set<RoceQp>();
+  private readTurnScheduled = false;
+  private readonly readTurn = (): void => {
+    this.readTurnScheduled = false;
+    const memory = this.core.memory();
+    const qps = [...this.reading];
+    this.reading.clear();
+    for (const qp of qps) {
+      if (!this.core.isLive(qp) || !receiving(qp.attrs.state) || qp.peer === null || memory === null) {
+        qp.readJobs.length = 0;
+        continue;
+      }
+      // A suspended engine keeps its jobs; resumeReads() goes on with them.
+      if (this.core.suspended) this.reading.add(qp);
+      else this.sendReadResponses(qp, memory);
+    }
+    this.core.out.flush();
+  };
+
+  /** After the engine resumes: READ responses left when it was suspended go on. */
+  resumeReads(): void {
+    if (this.reading.size > 0 && !this.readTurnScheduled) {
+      this.readTurnScheduled = true;
+      setImmediate(this.readTurn);
+    }
+  }
+
   private refuseRead(qp: RoceQp, fresh: boolean, psn: number, why: string): void {
     if (fresh) return this.nakAccess(qp, why, psn);
     this.core.host().log.debug(`${qp.name}: duplicate READ dropped (${why})`);

@@ -45,6 +45,16 @@ export interface AtomicReplay {
   original: bigint;
 }
 
+/** An RDMA READ the responder answers a burst at a time (responses [next, npkts) still to send). */
+export interface ReadJob {
+  psn: number;
+  va: bigint;
+  rkey: number;
+  total: number;
+  npkts: number;
+  next: number;
+}
+
 /** The responder's message in progress (multi-packet SEND or RDMA WRITE). */
 export interface InMessage {
   kind: 'send' | 'write';
@@ -92,6 +102,10 @@ export class RoceQp {
   /** A PSN-sequence NAK was sent for the current gap. */
   nakSent = false;
   inMsg: InMessage | null = null;
+  /** Responder: READs whose responses are still to go, oldest first; other requests wait while there are any. */
+  readonly readJobs: ReadJob[] = [];
+  /** Responder: a request was dropped while READ responses were going out (NAK its PSN once they are done). */
+  droppedWhileReading = false;
   /** Responder: answers to the latest atomics, oldest first. */
   readonly atomicReplay: AtomicReplay[] = [];
   peer: UdpPeer | null = null;

@@ -187,6 +187,8 @@ export class SoftRoceEngine implements Engine, RoceCore {
         qp.sendIdx = 0;
         qp.inMsg = null;
         qp.atomicReplay.length = 0;
+        qp.readJobs.length = 0;
+        qp.droppedWhileReading = false;
         qp.wentBackTo = -1;
         break;
       case QpState.ERR:
@@ -269,6 +271,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
     if (!this.suspended) return;
     this.suspended = false;
     for (const qp of this.qps.values()) this.pump(qp);
+    this.responder.resumeReads();
   }
 
   saveState(): Uint8Array {
@@ -409,6 +412,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
     if (host === null) return;
     qp.inMsg = null;
     qp.sendIdx = 0;
+    qp.readJobs.length = 0;
     for (let e = qp.sq.shift(); e !== undefined; e = qp.sq.shift()) host.sendDone(qp.qpn, e.token, sendCompletion(e.wr, e.postError ?? WcStatus.WR_FLUSH_ERR, 0));
     for (let e = qp.rq.shift(); e !== undefined; e = qp.rq.shift()) host.recvDone(qp.qpn, e.token, recvCompletion(WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, 0, 0, 0, 0));
   }
