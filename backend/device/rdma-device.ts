@@ -447,15 +447,15 @@ export class RdmaDevice implements VirtioDevice {
     this.log.warn(`qpn 0x${qp.qpn.toString(16)}: bad ${which} WQE (descriptor ${head}): ${err.message}`);
     this.moveToError(qp, `bad ${which} WQE`);
     const cqn = which === 'send' ? qp.sendCqn : qp.recvCqn;
+    q.pushUsed(head, 0); // the chain before its CQE: see sendDone
     this.writeCqe(cqn, this.cqeValue(qp.qpn, wrId, { status: err.status, opcode: which === 'send' ? WcOpcode.SEND : WcOpcode.RECV, byteLen: 0, flags: 0, imm: 0, srcQp: 0 }), true);
-    q.pushUsed(head, 0);
   }
 
   private flushOne(qp: QpRecord, which: 'send' | 'recv', head: number, wrId: bigint, opcode: WcOpcode): void {
     const cqn = which === 'send' ? qp.sendCqn : qp.recvCqn;
-    this.writeCqe(cqn, this.cqeValue(qp.qpn, wrId, { status: WcStatus.WR_FLUSH_ERR, opcode, byteLen: 0, flags: 0, imm: 0, srcQp: 0 }), true);
     const vq = which === 'send' ? sqVq(this.limits.numCqSlots, qp.slot) : rqVq(this.limits.numCqSlots, qp.slot);
-    this.returnChain(vq, head, 0);
+    this.returnChain(vq, head, 0); // the chain before its CQE: see sendDone
+    this.writeCqe(cqn, this.cqeValue(qp.qpn, wrId, { status: WcStatus.WR_FLUSH_ERR, opcode, byteLen: 0, flags: 0, imm: 0, srcQp: 0 }), true);
   }
 
   /** Moves a QP to ERR through the engine, which flushes everything it holds. */
@@ -654,8 +654,12 @@ export class RdmaDevice implements VirtioDevice {
       return;
     }
     qp.sendOut.delete(token);
-    if (out.signaled || c.status !== WcStatus.SUCCESS) this.writeCqe(qp.sendCqn, this.cqeValue(qpn, out.wrId, c), false);
+    // The chain goes back before the CQE is written: a driver that sees the
+    // completion must also see the WQE's buffer free, or a consumer that
+    // posts again right after polling (ib_write_bw at its tx depth) finds
+    // the send queue full. pushUsed publishes each used index at once.
     this.returnChain(sqVq(this.limits.numCqSlots, qp.slot), token, 0);
+    if (out.signaled || c.status !== WcStatus.SUCCESS) this.writeCqe(qp.sendCqn, this.cqeValue(qpn, out.wrId, c), false);
   }
 
   private recvDone(qpn: number, token: number, c: Completion): void {
@@ -666,8 +670,8 @@ export class RdmaDevice implements VirtioDevice {
       return;
     }
     qp.recvOut.delete(token);
+    this.returnChain(rqVq(this.limits.numCqSlots, qp.slot), token, 0); // the chain before its CQE: see sendDone
     this.writeCqe(qp.recvCqn, this.cqeValue(qpn, wrId, c), c.solicited === true);
-    this.returnChain(rqVq(this.limits.numCqSlots, qp.slot), token, 0);
   }
 }
 
