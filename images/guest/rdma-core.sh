@@ -2,7 +2,7 @@
 # Builds the guest's RDMA user space: rdma-core (libibverbs, the rxe
 # provider, the ibv_* tools) together with the project's virtio_rdma
 # provider (native/guest/rdma-core-provider) and the in-guest conformance
-# program (guest-driver-tests/in-guest), and caches the installed tree.
+# program (native/guest/conformance), and caches the installed tree.
 #
 #   bash images/guest/rdma-core.sh [--force]
 #   bash images/guest/rdma-core.sh --key
@@ -35,7 +35,7 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PROVIDER=$(cd "$HERE/../../native/guest/rdma-core-provider" && pwd)
-CONFORMANCE=$(cd "$HERE/../../guest-driver-tests/in-guest" && pwd)/vrdma_conformance.c
+CONFORMANCE=$(cd "$HERE/../../native/guest/conformance" && pwd)/vrdma_conformance.c
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
 VERSION=56.1
 TARBALL=rdma-core_$VERSION.orig.tar.gz

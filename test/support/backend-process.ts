@@ -3,10 +3,13 @@
  * collects its log. Tests wait on log lines to follow what the back-end did.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const PROJECT_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const ABOVE = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+/** The repository root, also when this file runs compiled (dist/test/support/, as benchmarks do). */
+export const PROJECT_ROOT = existsSync(join(ABOVE, 'package.json')) ? ABOVE : join(ABOVE, '..');
 export const CLI = join(PROJECT_ROOT, 'dist', 'backend', 'cli.js');
 
 export class BackendProcess {

@@ -1,5 +1,5 @@
 /**
- * The in-guest conformance program (guest-driver-tests/in-guest,
+ * The in-guest conformance program (native/guest/conformance,
  * vrdma_conformance.c), twice: first against a verbs implementation nobody
  * here wrote — Linux rdma_rxe in a TCG guest, looping back on its own
  * eth0 — which proves the program's expectations; then against the
