@@ -190,14 +190,15 @@ export function sendWr(over: Partial<SendWr>): SendWr {
 let nextToken = 1;
 
 /** Posts a send WR and registers its token as outstanding with the side's RecordingHost. */
-export function postSend(s: Side, qpn: number, over: Partial<SendWr>): number {
+/** Posts a send WR through the engine, registering its token with the recording host. */
+export function postSend(s: Pick<Side, 'host' | 'engine'>, qpn: number, over: Partial<SendWr>): number {
   const t = nextToken++;
   s.host.outstandingSends.add(`${qpn}/${t}`);
   s.engine.postSend(qpn, sendWr(over), t);
   return t;
 }
 
-export function postRecv(s: Side, qpn: number, sges: Sge[]): number {
+export function postRecv(s: Pick<Side, 'host' | 'engine'>, qpn: number, sges: Sge[]): number {
   const t = nextToken++;
   s.host.outstandingRecvs.add(`${qpn}/${t}`);
   s.engine.postRecv(qpn, { wrId: 0n, sges, length: sges.reduce((n, x) => n + x.length, 0) }, t);

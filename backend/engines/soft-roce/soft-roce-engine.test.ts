@@ -4,10 +4,10 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestRam } from '../../../virtio/frontend/guest-ram.js';
 import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.js';
-import { Access, QpState, QpType, SendFlag, SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
+import { Access, QpState, QpType, SendOp, WcFlag, WcOpcode, WcStatus } from '../../abi/constants.js';
 import { GuestMemoryAccess } from '../../device/memory-access.js';
 import { MrTable } from '../../device/mr-table.js';
-import type { QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import type { QpAttributes, Sge } from '../../engine/engine.js';
 import { RecordingHost } from '../../engine/recording-host.js';
 import { PcapCapture, type RoceCapture } from './capture.js';
 import { FrameInfo, headersLength, parseFrame } from './frame.js';
@@ -15,6 +15,7 @@ import { checkIcrc } from './icrc.js';
 import { Opcode } from './opcodes.js';
 import { readPcap } from './pcap.js';
 import { hasTshark, pattern, runTshark, tsharkArgs } from './test-support.js';
+import { postRecv, postSend, until } from './engine-pair.js';
 import { SoftRoceEngine, gidToAddress, ipv4Gid, psnAdd, psnDiff } from './soft-roce-engine.js';
 import { udpPeer } from './udp-transport.js';
 
@@ -45,7 +46,6 @@ interface Buf {
 const PORT = 20000 + Math.floor(Math.random() * 20000);
 let a: Side;
 let b: Side;
-let token = 1;
 
 function side(address: string): Side {
   const ram = new GuestRam(RAM_GPA, RAM_SIZE);
@@ -129,47 +129,6 @@ function connect(overA: Partial<QpAttributes> = {}, overB: Partial<QpAttributes>
     b.engine.modifyQp(qb, attrs({ state, destQpn: qa, av: av(a.gid), sqPsn: psnB, rqPsn: psnA, ...overB }), 0);
   }
   return [qa, qb];
-}
-
-function wr(over: Partial<SendWr>): SendWr {
-  const sges = over.sges ?? [];
-  return {
-    wrId: 0n,
-    opcode: SendOp.SEND,
-    flags: SendFlag.SIGNALED,
-    sges,
-    inline: null,
-    length: sges.reduce((n, s) => n + s.length, 0),
-    imm: 0,
-    remoteAddr: 0n,
-    rkey: 0,
-    compareAdd: 0n,
-    swap: 0n,
-    ud: null,
-    ...over,
-  };
-}
-
-function postSend(s: Side, qpn: number, over: Partial<SendWr>): number {
-  const t = token++;
-  s.host.outstandingSends.add(`${qpn}/${t}`);
-  s.engine.postSend(qpn, wr(over), t);
-  return t;
-}
-
-function postRecv(s: Side, qpn: number, sges: Sge[]): number {
-  const t = token++;
-  s.host.outstandingRecvs.add(`${qpn}/${t}`);
-  s.engine.postRecv(qpn, { wrId: 0n, sges, length: sges.reduce((n, x) => n + x.length, 0) }, t);
-  return t;
-}
-
-async function until(cond: () => boolean, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 2));
-  }
 }
 
 beforeEach(() => {
