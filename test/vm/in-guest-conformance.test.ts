@@ -39,8 +39,10 @@ H=/hostroot
 mkdir -p $H
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot $H || exit 92
 for d in dev proc sys; do mount -o bind /$d $H/$d || exit 92; done
-for d in tmp run opt; do mount -t tmpfs tmpfs $H/$d || exit 92; done
+# The tree before tmpfs covers /tmp (the cache may live there, e.g. VRDMA_CACHE=/tmp/...).
+mount -t tmpfs tmpfs $H/opt || exit 92
 mkdir -p $H/opt/vrdma/rdma-core && mount -o bind $H${tree}/opt/vrdma/rdma-core $H/opt/vrdma/rdma-core || exit 93
+for d in tmp run; do mount -t tmpfs tmpfs $H/$d || exit 92; done
 inhost() { chroot $H /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LD_LIBRARY_PATH=/opt/vrdma/rdma-core/lib "$@"; }
 inhost rdma link add rxe0 type rxe netdev eth0 || exit 94
 inhost /opt/vrdma/rdma-core/bin/vrdma_conformance -d rxe0 -g 1 -r -v
