@@ -23,13 +23,14 @@
  *   project's device is measured at its own MTU 4096 and at 1024, and rxe
  *   also with eth0 at MTU 9000 (path MTU 4096; the tap takes 9000 too).
  *   perftest's own "Mtu" line is checked against the intended one.
- * - Latency: perftest's ib_send_lat (64-byte RC SENDs, ping-pong), both
- *   ends in the guest on the same device, sleeping on CQ events (-e; two
- *   busy-polling processes on one vCPU would measure the scheduler). The
- *   host-side peer speaks no latency test. For virtio_rdma0 each message
- *   crosses the whole device path (SQ virtqueue → back-end → UDP to itself
- *   → back-end → RQ/CQ virtqueue → interrupt); rxe sends to a local address
- *   through its in-kernel loopback and never touches virtio-net.
+ * - Latency: perftest's ib_send_lat in the guest as the client (64-byte
+ *   RC SENDs ping-ponged, polling the CQ as the tool does by default)
+ *   against the same host-side peer, `vrdma perf send-lat` on 10.a.b.1,
+ *   for both RDMA transports, wired like the bandwidth cases: for
+ *   virtio_rdma0 each message goes SQ virtqueue → back-end → UDP → peer
+ *   and the reply peer → back-end → RQ/CQ virtqueue; for rxe0 guest kernel
+ *   → virtio-net → tap → peer and back. The guest's line is the result
+ *   (half of each round trip, as perftest reports); the peer prints its own.
  * - TCP: native/guest/tools/guest-tcp.c (static; 64 KiB send()s from one buffer, as
  *   perftest sends from its buffers) from the guest to a Node sink on
  *   10.a.b.1, which times first byte to last byte. (busybox `dd | nc`
@@ -38,7 +39,8 @@
  *   the cost of one guest → host → guest round trip over virtio-net.
  *
  * Rates are as perftest prints them: MB/s of 2^20 bytes (the TCP sink
- * uses the same unit). Each case also reports CPU seconds per wall second
+ * uses the same unit). ib_send_lat prints half round trips, the TCP
+ * ping-pong whole ones; the summary compares round trips. Each case also reports CPU seconds per wall second
  * of QEMU (all threads), the back-end and the `vrdma perf` peer, over the
  * whole case as the host sees it (guest tool start-up and connection
  * included), from /proc and /usr/bin/time.
@@ -98,8 +100,8 @@ const ALL_CASES: Case[] = [
   },
   { id: 'tcp', label: `TCP over virtio-net (64 KiB send()s, ${tcpMiB} MiB)`, kind: 'tcp' },
   { id: 'tcp-lat', label: 'TCP over virtio-net 64 B ping-pong (guest ↔ host echo)', kind: 'tcplat' },
-  { id: 'vrdma-send-lat', label: 'virtio_rdma0 ib_send_lat 64 B (both ends in the guest)', kind: 'lat', dev: 'virtio_rdma0', gidIndex: 0 },
-  { id: 'rxe-send-lat', label: 'rxe0 ib_send_lat 64 B (both ends in the guest, rxe loopback)', kind: 'lat', dev: 'rxe0', gidIndex: 1 },
+  { id: 'vrdma-send-lat', label: 'virtio_rdma0 ib_send_lat 64 B (guest ↔ host peer)', kind: 'lat', dev: 'virtio_rdma0', gidIndex: 0, mtu: 1024 },
+  { id: 'rxe-send-lat', label: 'rxe0 (virtio-net) ib_send_lat 64 B (guest ↔ host peer)', kind: 'lat', dev: 'rxe0', gidIndex: 1, mtu: 1024 },
 ];
 
 /** VRDMA_BENCH_CASES=id,id,... runs only those cases. */
@@ -115,16 +117,15 @@ function guestScript(peer: string, guestAddress: string, order: string[]): strin
       const tag = `${c.id}#${r}`;
       body.push(`echo "PHASE-BEGIN ${tag}"`);
       if (c.pre !== undefined) body.push(c.pre);
-      if (c.kind === 'bw') {
-        const cmd = `trun ib_write_bw -d ${c.dev} -x ${c.gidIndex} -s ${BW_SIZE} -n ${bwIters} -p ${OOB_PORT} ${peer}`;
+      if (c.kind === 'bw' || c.kind === 'lat') {
+        const cmd =
+          c.kind === 'bw'
+            ? `trun ib_write_bw -d ${c.dev} -x ${c.gidIndex} -s ${BW_SIZE} -n ${bwIters} -p ${OOB_PORT} ${peer}`
+            : `trun ib_send_lat -d ${c.dev} -x ${c.gidIndex} -s ${LAT_SIZE} -n ${latIters} -p ${OOB_PORT + 1} ${peer}`;
         body.push(
           `i=0; while :; do ${cmd} > /tmp/p.out 2>&1; rc=$?; ` +
             `if [ $rc -ne 0 ] && grep -q -i -E "couldn.t connect|Unable to open file descriptor" /tmp/p.out && [ $i -lt 200 ]; then i=$((i+1)); sleep 0.1; continue; fi; break; done`,
         );
-      } else if (c.kind === 'lat') {
-        const o = `-d ${c.dev} -x ${c.gidIndex} -s ${LAT_SIZE} -n ${latIters} -e -p ${OOB_PORT + 1}`;
-        body.push(`trun ib_send_lat ${o} > /tmp/s.out 2>&1 & sp=$!`, `wait_listen ${OOB_PORT + 1}`, `trun ib_send_lat ${o} 127.0.0.1 > /tmp/p.out 2>&1; rc=$?`);
-        body.push('wait $sp || rc=$((rc+100))', 'echo "--- server"; cat /tmp/s.out; echo "--- client"');
       } else if (c.kind === 'tcp') {
         body.push(`timeout 300 ./guest-tcp send ${peer} ${TCP_PORT} ${tcpMiB * MIB} > /tmp/p.out 2>&1; rc=$?`);
       } else {
@@ -291,6 +292,8 @@ async function main(): Promise<void> {
         let host: { child: ChildProcess; out: () => string } | null = null;
         if (c.kind === 'bw') {
           host = spawnInNs(ns, ['/usr/bin/time', '-f', 'PEER-CPU %U %S', process.execPath, CLI, 'perf', 'write', '--gid', peer, '-s', String(BW_SIZE), '-n', String(bwIters), '-m', String(c.mtu), '-p', String(OOB_PORT), '--timeout', '60000']);
+        } else if (c.kind === 'lat') {
+          host = spawnInNs(ns, ['/usr/bin/time', '-f', 'PEER-CPU %U %S', process.execPath, CLI, 'perf', 'send-lat', '--gid', peer, '-s', String(LAT_SIZE), '-n', String(latIters), '-m', String(c.mtu), '-p', String(OOB_PORT + 1), '--timeout', '60000']);
         }
         const end = await guest.waitForOutput(new RegExp(`PHASE-BEGIN ${tag}\\n([\\s\\S]*?)PHASE-END ${tag} rc=(-?\\d+)`), 600_000);
         const out = end[1]!;
@@ -316,8 +319,10 @@ async function main(): Promise<void> {
           if (mtu !== String(c.mtu)) console.log(`guest-rdma: ${tag}: perftest ran at MTU ${mtu}, not ${c.mtu}`);
           else if (bw !== null) m = { id: c.id, round, value: bw, cpu, detail: `${bw.toFixed(1)} MB/s` };
         } else if (c.kind === 'lat') {
-          const l = parseLat(out.slice(out.indexOf('--- client')));
-          if (l !== null) m = { id: c.id, round, value: l.typical, p99: l.p99, cpu, detail: `median ${l.typical.toFixed(1)} µs, p99 ${l.p99.toFixed(1)} µs, min ${l.min.toFixed(1)} µs` };
+          const l = parseLat(out);
+          const h = host === null ? null : parseLat(host.out());
+          const peerSays = h === null ? '' : `; the peer: median ${h.typical.toFixed(1)} µs, p99 ${h.p99.toFixed(1)} µs`;
+          if (l !== null) m = { id: c.id, round, value: l.typical, p99: l.p99, cpu, detail: `median ${l.typical.toFixed(1)} µs, p99 ${l.p99.toFixed(1)} µs, min ${l.min.toFixed(1)} µs${peerSays}` };
         } else if (c.kind === 'tcplat') {
           const l = /PINGPONG iters=\d+ size=\d+ median_us=([\d.]+) p99_us=([\d.]+) min_us=([\d.]+)/.exec(out);
           if (l !== null) m = { id: c.id, round, value: Number(l[1]), p99: Number(l[2]), cpu, detail: `median ${l[1]} µs, p99 ${l[2]} µs, min ${l[3]} µs` };
@@ -385,8 +390,11 @@ async function main(): Promise<void> {
     };
     const cpuCol = `${pct('qemu')}, ${pct('backend')}, ${pct('peer')}`;
     if (c.kind === 'lat' || c.kind === 'tcplat') {
+      // ib_send_lat reports half of each round trip, the TCP ping-pong whole round trips: compared as round trips.
       const p99 = median(of(c.id).map((r) => r.p99 ?? NaN));
-      console.log(`| ${c.label} | median ${v.toFixed(1)} µs${range(c.id)}, p99 ${p99.toFixed(1)} µs | ${(v / tcpLat).toFixed(2)}× | ${(v / rxeLat).toFixed(2)}× | ${cpuCol} |`);
+      const rtt = c.kind === 'lat' ? 2 * v : v;
+      const what = c.kind === 'lat' ? ' one-way (½ round trip)' : ' round trip';
+      console.log(`| ${c.label} | median ${v.toFixed(1)} µs${what}${range(c.id)}, p99 ${p99.toFixed(1)} µs | ${(rtt / tcpLat).toFixed(2)}× | ${(rtt / (2 * rxeLat)).toFixed(2)}× | ${cpuCol} |`);
     } else {
       console.log(`| ${c.label} | ${v.toFixed(1)} MB/s${range(c.id)} | ${((100 * v) / tcp).toFixed(0)}% | ${c.kind === 'bw' ? `${((100 * v) / rxeBw).toFixed(0)}%` : ''} | ${cpuCol} |`);
     }

@@ -42,6 +42,45 @@ describe('vrdma perf against itself over loopback UDP', () => {
     else expect(srv.remoteReport).toEqual(client.report);
   });
 
+  it('send-lat: both sides ping-pong every iteration and print latencies from their own send times', async () => {
+    const port = tcpPort++;
+    const a = session('127.0.78.4');
+    const b = session('127.0.78.5');
+    let listening!: () => void;
+    const ready = new Promise<void>((r) => (listening = r));
+    const serverLines: string[] = [];
+    const clientLines: string[] = [];
+    const server = runPerf(a, opts('send-lat', port, { size: 64, iters: 50, onListening: listening, out: (l) => serverLines.push(l) }));
+    await ready;
+    const client = await runPerf(b, opts('send-lat', port, { size: 64, iters: 50, server: '127.0.0.1', out: (l) => clientLines.push(l) }));
+    const srv = await server;
+    for (const [r, lines] of [[client, clientLines], [srv, serverLines]] as const) {
+      const l = r.latency!;
+      expect(l.size).toBe(64);
+      expect(l.iterations).toBe(50);
+      expect(l.min).toBeGreaterThan(0);
+      expect(l.min).toBeLessThanOrEqual(l.typical);
+      expect(l.typical).toBeLessThanOrEqual(l.max);
+      expect(l.avg).toBeGreaterThanOrEqual(l.min);
+      expect(l.avg).toBeLessThanOrEqual(l.max);
+      expect(l.p99).toBeLessThanOrEqual(l.max);
+      // the line ib_send_lat prints: #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
+      expect(lines.join('\n')).toMatch(/^ 64\s+50\s+([\d.]+\s+){6}[\d.]+$/m);
+    }
+    // (runPingPong throws unless each side got all 50 receives and 50 send completions.)
+    expect(srv.remote.qpn).toBe(client.local.qpn);
+    expect(client.report.iterations).toBe(50n);
+  });
+
+  it('send-lat statistics: halved intervals between sends, median and percentiles as ib_send_lat sorts them', async () => {
+    const { latencyStats } = await import('./perftest-lat.js');
+    // sends at 0, 2, 6, 8, 18 ms: round trips 2, 4, 2, 10 ms → one-way 1000, 2000, 1000, 5000 µs
+    const s = latencyStats(64, [0, 2, 6, 8, 18]);
+    expect(s).toMatchObject({ size: 64, iterations: 5, min: 1000, max: 5000, typical: 2000, avg: 2250, p99: 5000, p999: 5000 });
+    expect(s.stdev).toBeCloseTo(Math.sqrt((1250 ** 2 * 2 + 250 ** 2 + 2750 ** 2) / 4), 6);
+    expect(() => latencyStats(64, [0])).toThrow(/at least 2/);
+  });
+
   it('a client whose server never answers gives up with the step it waited for', async () => {
     const port = tcpPort++;
     const net = await import('node:net');

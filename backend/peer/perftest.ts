@@ -1,19 +1,22 @@
 /**
- * `vrdma perf write|read|send`: the other end of perftest's ib_write_bw,
- * ib_read_bw and ib_send_bw (RC, one QP, the TCP "ethernet" exchange of
- * perftest 4.5-0.17, see perftest-message.ts). The step order, measured on
- * the stock tools:
+ * `vrdma perf write|read|send|send-lat`: the other end of perftest's
+ * ib_write_bw, ib_read_bw, ib_send_bw and ib_send_lat (RC, one QP, the TCP
+ * "ethernet" exchange of perftest 4.5-0.17, see perftest-message.ts). The
+ * step order, measured on the stock tools:
  *
  *   version, cycle buffer, cache line, MTU   (both roles)
  *   keys #1, QPs to RTR/RTS, keys #2, keys #3
  *   write/read: client runs, keys #4 (the server waits in it), 5 report
  *               fields (the client's numbers; the server prints them), keys #5
  *   send:       keys #4, client sends while the server receives, keys #5
+ *   send-lat:   keys #4, SEND ping-pong (perftest-lat.ts), keys #5; each
+ *               side prints its own latencies, none are exchanged
  *   "done\0" from both sides
  */
 import { Access, QpState, QpType, SendFlag, SendOp, WcStatus } from '../abi/constants.js';
 import type { AddressVector, Sge } from '../engine/engine.js';
 import { OobChannel } from './oob-channel.js';
+import { LAT_HEADER, latencyLine, latencyStats, runPingPong, type LatencyStats } from './perftest-lat.js';
 import { PeerError, statusName } from './peer-device.js';
 import { formatGid, mtuEnum, randomPsn, type PeerSession } from './peer-session.js';
 import {
@@ -33,7 +36,7 @@ import {
   type PerftestReport,
 } from './perftest-message.js';
 
-export type PerfVerb = 'write' | 'read' | 'send';
+export type PerfVerb = 'write' | 'read' | 'send' | 'send-lat';
 
 export interface PerfOptions {
   verb: PerfVerb;
@@ -43,7 +46,7 @@ export interface PerfOptions {
   iters: number;
   /** Outstanding WRs the client keeps posted (perftest -t, default 128). */
   txDepth: number;
-  /** Receives the server keeps posted for send (perftest -r, default 512). */
+  /** Receives the server keeps posted for send, each side for send-lat (perftest -r, default 512). */
   rxDepth: number;
   mtu: number;
   gidIndex: number;
@@ -60,6 +63,8 @@ export interface PerfResult {
   report: PerftestReport;
   /** Write/read servers: the client's report; send servers and clients: our own. */
   remoteReport: PerftestReport | null;
+  /** send-lat: this side's latencies (`report` then holds its size, iterations and average rates). */
+  latency: LatencyStats | null;
   local: PerftestKeys;
   remote: PerftestKeys;
   mtu: number;
@@ -89,6 +94,8 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
   const isClient = opts.server !== null;
   if (!Number.isInteger(opts.size) || opts.size < 1) throw new PeerError(`--size ${opts.size} must be a positive integer`);
   if (!Number.isInteger(opts.iters) || opts.iters < 1) throw new PeerError(`--iters ${opts.iters} must be a positive integer`);
+  const lat = opts.verb === 'send-lat';
+  if (lat && opts.iters < 2) throw new PeerError('send-lat needs --iters of at least 2 (latencies are intervals between sends)');
   const localGid = device.gid(opts.gidIndex);
   if (localGid === null) throw new PeerError(`no GID at index ${opts.gidIndex}`);
   const t = opts.timeoutMs;
@@ -118,9 +125,10 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     device.modifyQp(qpn, { state: QpState.RTS, timeout: 14, retryCnt: 7, rnrRetry: 7, sqPsn: local.psn, maxRdAtomic: opts.verb === 'read' ? Math.min(outReads, remote.outReads || 1) : 1 });
 
     // Receives for send are up before the client can start (it starts after keys #4).
-    const recvSges = [mr.sge(0, opts.size)];
+    // send-lat: both sides receive, into the second half of the buffer.
+    const recvSges = [mr.sge(lat ? bufLen / 2 : 0, opts.size)];
     let posted = 0;
-    if (opts.verb === 'send' && !isClient) {
+    if ((opts.verb === 'send' && !isClient) || lat) {
       for (; posted < Math.min(opts.rxDepth, opts.iters); posted++) device.postRecv(qpn, BigInt(posted), recvSges);
     }
     await keys(); // #2: both QPs past RTR
@@ -128,7 +136,26 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
 
     let report: PerftestReport;
     let remoteReport: PerftestReport | null = null;
-    if (isClient) {
+    let latency: LatencyStats | null = null;
+    if (lat) {
+      await keys(); // #4: both sides' receives are posted
+      const start = performance.now();
+      const times = await runPingPong(device, {
+        isClient,
+        qpn,
+        iters: opts.iters,
+        sendSge: mr.sge(0, opts.size),
+        recvSge: recvSges[0]!,
+        recvPosted: posted,
+        sqDepth: Math.max(1, opts.txDepth),
+        firstTimeoutMs: isClient ? t : runDeadline(opts),
+        timeoutMs: t,
+      });
+      latency = latencyStats(opts.size, times);
+      const usec = Math.max(1, (performance.now() - start) * 1000);
+      const bwAvg = (opts.size * opts.iters) / usec;
+      report = { size: BigInt(opts.size), iterations: BigInt(opts.iters), bwPeak: bwAvg, bwAvg, msgRate: opts.iters / usec };
+    } else if (isClient) {
       if (opts.verb === 'send') await keys(); // #4: the server's receives are posted
       report = await clientRun(device, qpn, opts, mr.sge(0, opts.size), remote, remote.outReads || 1);
       if (opts.verb !== 'send') {
@@ -148,11 +175,11 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
       remoteReport = decodeReport(theirs);
       report = remoteReport;
     }
-    opts.out(HEADER);
-    opts.out(reportLine(report));
+    opts.out(latency ? LAT_HEADER : HEADER);
+    opts.out(latency ? latencyLine(latency) : reportLine(report));
     await keys(); // #5: close
     ch.write(PERFTEST_DONE);
-    return { report, remoteReport, local, remote, mtu };
+    return { report, remoteReport, latency, local, remote, mtu };
   } finally {
     await ch.close();
   }

@@ -29,6 +29,7 @@ const CLI = fileURLToPath(new URL('../../dist/backend/cli.js', import.meta.url))
 const PP_ITERS = 50;
 const PERF_ITERS = 200;
 const PERF_SIZE = 4096;
+const LAT_SIZE = 64;
 
 interface Case {
   name: string;
@@ -40,6 +41,8 @@ interface Case {
   opcodes: number[];
   /** What the guest tool prints on success. */
   guestSays: RegExp;
+  /** What the host peer prints on success, when checked. */
+  hostSays?: RegExp;
   /** The receiver (guest or host) must have sent RNR NAKs (AETH syndrome 0x20..0x3f). */
   rnrFrom?: 'guest' | 'host';
 }
@@ -78,6 +81,16 @@ function cases(): Case[] {
         guestSays: new RegExp(`^ ${PERF_SIZE}\\s+${PERF_ITERS}\\s+[\\d.]+\\s+[\\d.]+`, 'm'),
       });
     }
+    // SEND ping-pong: both sides send SEND ONLY and ACK; the tool prints t_min .. 99.9% percentile.
+    out.push({
+      name: `ib_send_lat (${role})`,
+      guestServer,
+      guestTool: ['ib_send_lat', '-d', 'rxe0', '-x', '1', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      hostArgs: ['perf', 'send-lat', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      opcodes: [0x04, 0x11],
+      guestSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
+      hostSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
+    });
   }
   // A receiver with almost no receive WQEs: the sender meets RNR NAKs and must wait them out.
   out.push({
@@ -171,7 +184,7 @@ describe('interop with Linux rdma_rxe in a TCG guest (stock rdma-core and perfte
   beforeAll(async () => {
     if (!existsSync(CLI)) throw new Error(`${CLI} is missing: build with npx tsc -p .`);
     // The guest runs this host's binaries (read-only 9p root): scripts/setup.sh installs them.
-    const missing = ['ibv_rc_pingpong', 'ibv_ud_pingpong', 'ib_write_bw', 'ib_read_bw', 'ib_send_bw', 'rdma', 'stdbuf', 'tshark'].filter(
+    const missing = ['ibv_rc_pingpong', 'ibv_ud_pingpong', 'ib_write_bw', 'ib_read_bw', 'ib_send_bw', 'ib_send_lat', 'rdma', 'stdbuf', 'tshark'].filter(
       (t) => !['/usr/bin', '/usr/sbin', '/bin', '/sbin'].some((d) => existsSync(join(d, t))),
     );
     if (missing.length > 0) throw new Error(`missing on this host: ${missing.join(', ')} (apt-get install ibverbs-utils perftest rdma-core ibverbs-providers iproute2 tshark)`);
@@ -220,6 +233,7 @@ describe('interop with Linux rdma_rxe in a TCG guest (stock rdma-core and perfte
       expect(r!.host.code, `host side:\n${r!.host.output}\nguest side:\n${r!.guestOutput}`).toBe(0);
       expect(r!.guestRc, `guest side:\n${r!.guestOutput}\nhost side:\n${r!.host.output}`).toBe(0);
       expect(r!.guestOutput).toMatch(c.guestSays);
+      if (c.hostSays !== undefined) expect(r!.host.output).toMatch(c.hostSays);
       const problems = tshark(r!.pcap, '-Y', '_ws.malformed || _ws.expert.severity >= "warning" || !infiniband');
       expect(problems, 'tshark flagged packets').toBe('');
       const opcodes = new Set(tshark(r!.pcap, '-T', 'fields', '-e', 'infiniband.bth.opcode').split('\n').filter((l) => l !== '').map(Number));
