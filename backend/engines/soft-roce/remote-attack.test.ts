@@ -272,6 +272,24 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
     await healthy();
   });
 
+  it('more READs in progress than max_dest_rd_atomic: NAK invalid request, victim QP to ERR, other QPs unaffected', async () => {
+    const healthy = healthyTraffic();
+    const qx = victimQp({ maxDestRdAtomic: 2 });
+    const mr = region(v, 1 << 20);
+    const naks: number[] = [];
+    v.engine.outgoingHook = (x) => {
+      if (x[0] === Opcode.RC_ACKNOWLEDGE && ((x[5]! << 16) | (x[6]! << 8) | x[7]!) === ATTACKER_QPN) naks.push(x[12]!);
+      return true;
+    };
+    // Three 1 MiB READs (1024 responses each, 64 per turn): the third arrives while two are in progress.
+    for (let i = 0; i < 3; i++) await send({ opcode: Opcode.RC_RDMA_READ_REQUEST, psn: EPSN + i * 1024, destQp: qx, va: mr.iova, rkey: mr.rkey, dmaLength: 1 << 20 });
+    await until(() => naks.length > 0, 5000, 'a NAK');
+    expect(naks).toEqual([Syndrome.NAK_INVALID_REQUEST]);
+    expect(qpState(qx)).toBe(QpState.ERR);
+    attacker.replies.splice(0);
+    await healthy();
+  });
+
   it('RDMA READ past the MR end: NAK remote access error before any response, victim QP to ERR', async () => {
     const healthy = healthyTraffic();
     const qx = victimQp();

@@ -265,6 +265,9 @@ export class Responder {
     // Check the whole range (a zero-length READ checks nothing, like rxe) before the first response goes out.
     if (total > 0 && memory.remoteCheck(qp.pdn, rkey, va, total, 'read') !== WcStatus.SUCCESS) return this.refuseRead(qp, fresh, psn, `RDMA READ at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`);
     const jobs = qp.readJobs;
+    // More READs in progress than the QP's max_dest_rd_atomic: the requester broke the limit it
+    // agreed to, and a queue without a bound would let a remote grow it without end.
+    if (fresh && jobs.length >= Math.max(1, qp.attrs.maxDestRdAtomic)) return this.invalid(qp, `more than max_dest_rd_atomic ${qp.attrs.maxDestRdAtomic} READs outstanding`);
     if (fresh) {
       qp.rqPsn = psnAdd(psn, npkts);
       qp.msn = (qp.msn + 1) & PSN_MASK;
