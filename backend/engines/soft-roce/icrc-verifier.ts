@@ -60,8 +60,16 @@ export function recoverIpv4Id(path: IcrcPath, pkt: Uint8Array, off: number, len:
   if (path.family !== 4 || len < BTH_SIZE + ICRC_SIZE || off < 0 || off + len > pkt.length) return -1;
   const covered = len - ICRC_SIZE;
   const withZero = icrc(path.ipId === 0 ? path : { ...path, ipId: 0 }, pkt, off, covered);
-  // The final inversion cancels: the difference is the ID's linear contribution.
-  let d = (withZero ^ readIcrc(pkt, off + covered)) >>> 0;
+  return idForDifference(withZero ^ readIcrc(pkt, off + covered), covered);
+}
+
+/**
+ * The IPv4 ID that explains `difference`, the XOR of the ICRC computed with
+ * ID 0 and the one received over `covered` transport bytes (the final
+ * inversions cancel: it is the ID's linear contribution), or -1.
+ */
+function idForDifference(difference: number, covered: number): number {
+  let d = difference >>> 0;
   if (d === 0) return 0;
   for (let n = AFTER_ID_IN_HEADERS + covered; n > 0; n--) d = unstepZero(d);
   // d = the register after the two ID bytes (high byte first) from zero:
@@ -111,18 +119,27 @@ export class IcrcVerifier {
     putPeerBytes(path.src, src);
     path.sport = src.port;
     const key = src.words[0] * 0x1_0000 + src.port;
-    let sender = this.senders.get(key);
-    if (icrc(path, pkt, off, covered) === readIcrc(pkt, off + covered)) {
-      if (sender === undefined && this.senders.size < MAX_SENDERS) this.senders.set(key, (sender = { kind: null, zeroPasses: 0 }));
+    const computed = icrc(path, pkt, off, covered);
+    const received = readIcrc(pkt, off + covered);
+    if (computed === received) {
+      const sender = this.senderOf(key);
       if (sender !== undefined && sender.kind === null && ++sender.zeroPasses >= ZERO_ID_PROOF) sender.kind = 'zero-id';
       return true;
     }
-    if (sender?.kind === 'zero-id') return false;
-    if (recoverIpv4Id(path, pkt, off, len) < 0) return false;
+    if (this.senders.get(key)?.kind === 'zero-id') return false;
+    // The ICRC just computed (with ID 0) is all the recovery needs.
+    if (idForDifference(computed ^ received, covered) < 0) return false;
     this.recoveredIds++;
-    if (sender === undefined && this.senders.size < MAX_SENDERS) this.senders.set(key, (sender = { kind: null, zeroPasses: 0 }));
+    const sender = this.senderOf(key);
     if (sender !== undefined) sender.kind = 'hashed-id';
     return true;
+  }
+
+  /** The record of a sender, made on first sight while there is room for it. */
+  private senderOf(key: number): Sender | undefined {
+    let sender = this.senders.get(key);
+    if (sender === undefined && this.senders.size < MAX_SENDERS) this.senders.set(key, (sender = { kind: null, zeroPasses: 0 }));
+    return sender;
   }
 
   /** What a sender was classified as (tests, diagnostics). */
