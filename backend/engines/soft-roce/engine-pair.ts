@@ -11,7 +11,7 @@ import { GuestMemory, MappedRegion } from '../../../virtio/memory/guest-memory.j
 import { Access, PAGE_LIST_ENTRIES, QpState, QpType, SendFlag, SendOp } from '../../abi/constants.js';
 import { GuestMemoryAccess } from '../../device/memory-access.js';
 import { MrTable } from '../../device/mr-table.js';
-import type { QpAttributes, SendWr, Sge } from '../../engine/engine.js';
+import { resetQpAttributes, type QpAttributes, type SendWr, type Sge } from '../../engine/engine.js';
 import { RecordingHost } from '../../engine/recording-host.js';
 import { SoftRoceEngine, ipv4Gid } from './soft-roce-engine.js';
 
@@ -132,9 +132,10 @@ export function fillPattern(b: Uint8Array, seed: number): void {
   }
 }
 
+/** A new QP's attributes with what an RC connection here uses (path MTU 1024, retries, rights), then `over`. */
 export function rcAttrs(over: Partial<QpAttributes>): QpAttributes {
   return {
-    state: QpState.RESET,
+    ...resetQpAttributes(),
     pathMtu: 3, // 1024
     timeout: 14,
     retryCnt: 7,
@@ -143,12 +144,6 @@ export function rcAttrs(over: Partial<QpAttributes>): QpAttributes {
     maxRdAtomic: 4,
     maxDestRdAtomic: 4,
     accessFlags: Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC,
-    qkey: 0,
-    rqPsn: 0,
-    sqPsn: 0,
-    destQpn: 0,
-    pkeyIndex: 0,
-    av: null,
     ...over,
   };
 }
