@@ -26,9 +26,6 @@ afterEach(() => {
   }
 });
 
-/** Short timer (≈ 4 ms) so timeout-driven recovery is quick. */
-const FAST = { timeout: 10, retryCnt: 3 };
-
 function allSucceeded(s: Side): void {
   expect(s.host.failed).toEqual([]);
   expect(s.host.sends.map((c) => WcStatus[c.status])).toEqual(s.host.sends.map(() => 'SUCCESS'));

@@ -333,7 +333,7 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
   it('QP without remote WRITE / READ / ATOMIC access flags: NAK remote access error, victim QP to ERR, nothing changes', async () => {
     const healthy = healthyTraffic();
     const { mr, before } = target();
-    const cases: [Access, Request][] = [
+    const cases: [number, Request][] = [
       [Access.REMOTE_READ | Access.REMOTE_ATOMIC, { opcode: Opcode.RC_RDMA_WRITE_ONLY, destQp: 0, va: mr.iova, rkey: mr.rkey, payload: new Uint8Array(32).fill(1) }],
       [Access.REMOTE_WRITE | Access.REMOTE_ATOMIC, { opcode: Opcode.RC_RDMA_READ_REQUEST, destQp: 0, va: mr.iova, rkey: mr.rkey, dmaLength: 32 }],
       [Access.REMOTE_WRITE | Access.REMOTE_READ, { opcode: Opcode.RC_FETCH_ADD, destQp: 0, va: mr.iova + 4n, rkey: mr.rkey, swapAdd: 5n }],
