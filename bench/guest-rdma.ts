@@ -176,13 +176,15 @@ net.createServer((s) => {
 }).listen(Number(port) + 1, host, () => console.log('ECHO listening'));
 `;
 
-function spawnInNs(ns: NetNs, argv: string[]): { child: ChildProcess; out: () => string } {
+function spawnInNs(ns: NetNs, argv: string[]): { child: ChildProcess; out: () => string; closed: Promise<number | null> } {
   const [cmd, ...rest] = ns.exec(argv);
   const child = spawn(cmd!, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-  return { child, out: () => out };
+  // 'close', not 'exit': only then have both pipes delivered the last lines (time(1)'s PEER-CPU among them).
+  const closed = new Promise<number | null>((res) => child.on('close', (code) => res(code)));
+  return { child, out: () => out, closed };
 }
 
 interface Measured {
@@ -240,7 +242,7 @@ async function main(): Promise<void> {
   const peer = ns.hostAddress;
   const backendAddress = peer.replace(/\.1$/, '.9');
   let backend: NsVrdma | null = null;
-  let sink: { child: ChildProcess; out: () => string } | null = null;
+  let sink: ReturnType<typeof spawnInNs> | null = null;
   let guest: RunningGuest | null = null;
   const onSignal = (): void => {
     ns.remove();
@@ -289,7 +291,7 @@ async function main(): Promise<void> {
         const q0 = cpuSeconds(guest.pid);
         const b0 = cpuSeconds(backend.child.pid);
         const sinkFrom = sink.out().length;
-        let host: { child: ChildProcess; out: () => string } | null = null;
+        let host: ReturnType<typeof spawnInNs> | null = null;
         if (c.kind === 'bw') {
           host = spawnInNs(ns, ['/usr/bin/time', '-f', 'PEER-CPU %U %S', process.execPath, CLI, 'perf', 'write', '--gid', peer, '-s', String(BW_SIZE), '-n', String(bwIters), '-m', String(c.mtu), '-p', String(OOB_PORT), '--timeout', '60000']);
         } else if (c.kind === 'lat') {
@@ -302,7 +304,7 @@ async function main(): Promise<void> {
         const cpu = { qemu: (cpuSeconds(guest.pid) - q0) / wall, backend: (cpuSeconds(backend.child.pid) - b0) / wall, peer: NaN };
         if (host !== null) {
           const h = host;
-          const code = await new Promise<number | null>((res) => (h.child.exitCode !== null ? res(h.child.exitCode) : h.child.on('exit', (x) => res(x))));
+          const code = await h.closed;
           const pc = /PEER-CPU ([\d.]+) ([\d.]+)/.exec(h.out());
           cpu.peer = pc ? (Number(pc[1]) + Number(pc[2])) / wall : NaN;
           if (code !== 0) {

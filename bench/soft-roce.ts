@@ -90,7 +90,7 @@ class Backend {
     this.child = spawn(process.execPath, [...nodeArgs, cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.child.stdout!.on('data', (d: Uint8Array) => (this.output += String(d)));
     this.child.stderr!.on('data', (d: Uint8Array) => (this.output += String(d)));
-    this.exited = new Promise((resolve) => this.child.on('exit', () => resolve()));
+    this.exited = new Promise((resolve) => this.child.on('close', () => resolve()));
   }
 
   get pid(): number {

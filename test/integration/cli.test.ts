@@ -22,7 +22,9 @@ describe('vrdma serve', () => {
     const dir = mkdtempSync(join(tmpdir(), 'vrdma-cli-'));
     const b = new BackendProcess(['serve', '--socket', join(dir, 's.sock'), '--cq-slots', '4', '--qp-slots', '8', '--gid', '127.0.0.2', '--roce-port', String(randomRocePort())]);
     try {
+      // QEMU arguments go to stdout, the log to stderr: two pipes, no order between them.
       await b.waitFor(/listening on/);
+      await b.waitFor(/vhost-user-test-device-pci/);
       expect(b.output).toContain('-device vhost-user-rdma-pci,chardev=vrdma0,cq-slots=4,qp-slots=8');
       expect(b.output).toContain('virtio-id=42,num_vqs=21,config_size=128');
       expect(b.output).toContain('memory-backend-memfd');
@@ -39,7 +41,7 @@ describe('vrdma serve', () => {
     try {
       await b.waitFor(/listening on/);
       expect(b.output).toContain(`soft-roce engine bound to UDP 127.0.0.2:${port}`);
-      expect(b.output).toContain('-device vhost-user-rdma-pci');
+      await b.waitFor(/-device vhost-user-rdma-pci/);
     } finally {
       await b.stop();
       rmSync(dir, { recursive: true, force: true });

@@ -20,7 +20,7 @@ export class NsVrdma {
     this.child.stdout!.on('data', (d: Buffer) => (this.log += d.toString()));
     this.child.stderr!.on('data', (d: Buffer) => (this.log += d.toString()));
     this.exited = new Promise((resolve) => {
-      this.child.on('exit', (code) => resolve(code));
+      this.child.on('close', (code) => resolve(code)); // 'close': the pipes have delivered everything
       this.child.on('error', (e) => {
         this.log += `spawn failed: ${e.message}\n`;
         resolve(null);

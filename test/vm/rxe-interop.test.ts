@@ -152,7 +152,8 @@ function runHost(ns: NetNs, args: string[], timeoutMs: number): Promise<HostRun>
     child.stdout.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr.on('data', (d: Buffer) => (output += d.toString()));
     const t = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('exit', (code) => {
+    // 'close', not 'exit': only then have both pipes delivered the tool's last lines.
+    child.on('close', (code) => {
       clearTimeout(t);
       resolve({ code, output });
     });
