@@ -54,6 +54,9 @@ fi
 # --- TypeScript ------------------------------------------------------------
 step "compiling TypeScript"
 npx --no-install tsc -p tsconfig.json
+# vitest strips types without checking them; the tests get the same strict check here.
+step "type-checking the tests"
+npx --no-install tsc -p tsconfig.tests.json
 
 # --- guest image for the VM tests (kernel, initramfs, guest driver) ---------
 bash images/guest/build.sh

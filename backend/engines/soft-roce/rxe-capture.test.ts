@@ -28,7 +28,7 @@ describe('packets captured from Linux rxe', () => {
     const v = new IcrcVerifier(US);
     expect(v.verify(RXE, RXE_ACK, 0, RXE_ACK.length)).toBe(true);
     const bad = RXE_ACK.slice();
-    bad[13] ^= 0x01; // MSN
+    bad[13] = bad[13]! ^ 0x01; // MSN
     expect(v.verify(RXE, bad, 0, bad.length)).toBe(false);
   });
 });

@@ -171,7 +171,7 @@ describe('UdpTransport', () => {
         const expected = new Uint8Array(len);
         fill(expected, seq);
         if (!Buffer.from(batch.buf.buffer, batch.buf.byteOffset + at, len).equals(expected)) problems.push(`bytes of ${seq}`);
-        else if (seen[seq]++ === 0) good++;
+        else if (seen[seq]!++ === 0) good++;
       }
     });
 
