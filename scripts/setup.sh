@@ -60,6 +60,8 @@ npx --no-install tsc -p tsconfig.tests.json
 
 # --- guest image for the VM tests (kernel, initramfs, guest driver) ---------
 bash images/guest/build.sh
+# and the same on Debian 12's backports kernel (6.12), for test/vm/backports-kernel.test.ts
+VRDMA_GUEST_FLAVOUR=backports bash images/guest/build.sh
 
 # rdma-core 56.1 + the virtio_rdma provider + the in-guest conformance program (cached)
 bash images/guest/rdma-core.sh >/dev/null

@@ -17,6 +17,9 @@
 #   VRDMA_GUEST_KERNEL_PKG  pin the kernel package, e.g. linux-image-6.1.0-50-amd64
 #                           (default: what linux-image-amd64 depends on)
 #   VRDMA_GUEST_INITRD_COMPRESS  gzip (default) or none
+#   VRDMA_GUEST_FLAVOUR     bookworm (default: Debian 12's 6.1 kernel, into
+#                           guest/) or backports (Debian 12's backports kernel,
+#                           6.12 today, into guest-backports/; see flavour.sh)
 #
 # The host system is not changed except for installing missing build tools
 # (cpio, kmod, xz-utils, zstd) with apt-get: the kernel and busybox packages
@@ -27,8 +30,12 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
-OUT="$CACHE_ROOT/guest"
-DEBS="$CACHE_ROOT/debs"
+mkdir -p "$CACHE_ROOT"
+# shellcheck source=flavour.sh
+. "$HERE/flavour.sh"
+export VRDMA_GUEST_FLAVOUR=$FLAVOUR # virtio-rdma.sh builds for the same kernel
+OUT="$CACHE_ROOT/guest$FLAVOUR_SUFFIX"
+DEBS="$CACHE_ROOT/debs$FLAVOUR_SUFFIX"
 # Initramfs compression: gzip|none. gzip boots ~0.25 s faster than an
 # uncompressed archive under TCG here (measured; see images/README.md).
 INITRD_COMPRESS=${VRDMA_GUEST_INITRD_COMPRESS:-gzip}
@@ -37,7 +44,7 @@ INITRD_COMPRESS=${VRDMA_GUEST_INITRD_COMPRESS:-gzip}
 # panic=-1 + QEMU -no-reboot: a panic ends the VM at once;
 # cryptomgr.notests: skips the crypto self-tests (~0.7 s under TCG).
 APPEND="console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init cryptomgr.notests mitigations=off tsc=reliable no_timer_check i8042.nokbd i8042.noaux i8042.nopnp"
-INPUTS=(build.sh init lspci modules.txt)
+INPUTS=(build.sh flavour.sh init lspci modules.txt)
 
 FORCE=0
 for arg in "$@"; do
@@ -52,7 +59,7 @@ T0=${EPOCHREALTIME/[.,]/}
 step() {
 	local now=${EPOCHREALTIME/[.,]/} ms
 	ms=$(((now - T0) / 1000))
-	printf '[guest-image %3d.%ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*" >&2
+	printf '[guest-image%s %3d.%ds] %s\n' "$FLAVOUR_SUFFIX" $((ms / 1000)) $((ms % 1000 / 100)) "$*" >&2
 }
 warn() { printf '[guest-image] WARNING: %s\n' "$*" >&2; }
 die() { printf '[guest-image] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -61,9 +68,9 @@ mkdir -p "$CACHE_ROOT"
 
 # ------------------------------------------------------------------ lock
 # One build at a time per cache (flock is in util-linux, which is essential).
-exec 9>"$CACHE_ROOT/guest.lock"
+exec 9>"$CACHE_ROOT/guest$FLAVOUR_SUFFIX.lock"
 if ! flock -n 9; then
-	step "another build.sh holds $CACHE_ROOT/guest.lock; waiting"
+	step "another build.sh holds $CACHE_ROOT/guest$FLAVOUR_SUFFIX.lock; waiting"
 	flock 9
 fi
 
@@ -73,6 +80,10 @@ apt_update_once() {
 	[ "$APT_UPDATED" = 1 ] && return 0
 	APT_UPDATED=1
 	[ "$(id -u)" = 0 ] || { warn "not root: cannot run apt-get update"; return 0; }
+	if [ "$FLAVOUR" = backports ]; then
+		step "apt-get update of the private backports lists ($FLAVOUR_APT)"
+		flavour_apt_update --force || warn "apt-get update of bookworm-backports failed (see $FLAVOUR_APT/update.log)"
+	fi
 	step "apt-get update (package lists missing or stale)"
 	if ! apt-get update -qq >/dev/null 2>"$CACHE_ROOT/apt-update.log"; then
 		warn "apt-get update reported errors (see $CACHE_ROOT/apt-update.log); continuing with the lists it got"
@@ -80,7 +91,7 @@ apt_update_once() {
 }
 # Prints the candidate version of a package, or nothing.
 apt_candidate() {
-	apt-cache policy "$1" 2>/dev/null | awk '/^  Candidate:/ { if ($2 != "(none)") print $2; exit }'
+	apt-cache "${APT_OPTS[@]}" policy "$1" 2>/dev/null | awk '/^  Candidate:/ { if ($2 != "(none)") print $2; exit }'
 }
 apt_candidate_or_update() {
 	local v
@@ -121,8 +132,9 @@ cache_complete() {
 
 # One apt-cache call (about 0.5 s) resolves everything the key needs.
 # Prints "PACKAGE VERSION DEPENDS..." for the candidate of each package.
+# The kernel comes through APT_OPTS (the flavour's sources), busybox from the host's.
 apt_show() {
-	apt-cache show --no-all-versions "$@" 2>/dev/null | awk '
+	apt-cache "${SHOW_OPTS[@]}" show --no-all-versions "$@" 2>/dev/null | awk '
 		/^Package: / { p = $2 } /^Version: / { v = $2 }
 		/^Depends: / { d = substr($0, 10) }
 		/^$/ { if (p != "") print p, v, d; p = v = d = "" }
@@ -130,12 +142,15 @@ apt_show() {
 }
 resolve() {
 	local info
+	SHOW_OPTS=()
+	BBVER=$(apt_show busybox-static | awk '$1 == "busybox-static" { print $2; exit }')
+	SHOW_OPTS=("${APT_OPTS[@]}")
 	if [ -n "${VRDMA_GUEST_KERNEL_PKG:-}" ]; then
-		info=$(apt_show "$VRDMA_GUEST_KERNEL_PKG" busybox-static)
+		info=$(apt_show "$VRDMA_GUEST_KERNEL_PKG")
 		KPKG=$VRDMA_GUEST_KERNEL_PKG
 		KVER=$(awk -v p="$KPKG" '$1 == p { print $2; exit }' <<<"$info")
 	else
-		info=$(apt_show linux-image-amd64 busybox-static)
+		info=$(apt_show linux-image-amd64)
 		# "Depends: linux-image-6.1.0-50-amd64 (= 6.1.176-1)"
 		read -r KPKG KVER < <(awk '$1 == "linux-image-amd64" {
 			n = split(substr($0, length($1 " " $2) + 2), deps, ",")
@@ -147,9 +162,9 @@ resolve() {
 		# a Depends without an exact version: ask for the candidate
 		if [ -n "${KPKG:-}" ] && [ -z "${KVER:-}" ]; then KVER=$(apt_candidate "$KPKG"); fi
 	fi
-	BBVER=$(awk '$1 == "busybox-static" { print $2; exit }' <<<"$info")
 }
-KPKG="" KVER="" BBVER=""
+KPKG="" KVER="" BBVER="" SHOW_OPTS=()
+[ "$FLAVOUR" = bookworm ] || [ "$(id -u)" != 0 ] || flavour_apt_update || warn "apt-get update of bookworm-backports failed (see $FLAVOUR_APT/update.log)"
 resolve
 if [ -z "$KPKG" ] || [ -z "$KVER" ] || [ -z "$BBVER" ]; then
 	apt_update_once
@@ -167,6 +182,7 @@ if [ -z "$KPKG" ] || [ -z "$KVER" ] || [ -z "$BBVER" ]; then
 fi
 
 KEY="inputs=$inputs_hash
+flavour=$FLAVOUR
 kernel=$KPKG=$KVER
 busybox=busybox-static=$BBVER
 initrd_compress=$INITRD_COMPRESS
@@ -184,9 +200,11 @@ NEW="$WORK/out"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# fetch PKG VERSION -> prints the path of the .deb (cached in $DEBS)
+# fetch PKG VERSION [host] -> prints the path of the .deb (cached in $DEBS);
+# "host" fetches through the host's apt sources instead of the flavour's
 fetch() {
-	local pkg=$1 ver=$2 f
+	local pkg=$1 ver=$2 f opts=("${APT_OPTS[@]}")
+	[ "${3:-}" = host ] && opts=()
 	for f in "$DEBS/${pkg}"_*.deb; do
 		[ -f "$f" ] || continue
 		if [ "$(dpkg-deb -f "$f" Package 2>/dev/null)" = "$pkg" ] &&
@@ -198,7 +216,7 @@ fetch() {
 	step "downloading $pkg $ver"
 	local dl="$WORK/dl-$pkg"
 	mkdir -p "$dl"
-	if ! (cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver") >"$WORK/dl-$pkg.log" 2>&1; then
+	if ! (cd "$dl" && apt-get "${opts[@]}" download -q -o APT::Sandbox::User=root "$pkg=$ver") >"$WORK/dl-$pkg.log" 2>&1; then
 		cat "$WORK/dl-$pkg.log" >&2
 		die "download of $pkg=$ver failed (is the Debian mirror reachable? apt-get update may help)"
 	fi
@@ -211,7 +229,7 @@ fetch() {
 }
 
 KDEB=$(fetch "$KPKG" "$KVER")
-BBDEB=$(fetch busybox-static "$BBVER")
+BBDEB=$(fetch busybox-static "$BBVER" host)
 # drop downloads no longer used (e.g. the previous kernel ABI)
 for f in "$DEBS"/*.deb; do
 	[ "$f" = "$KDEB" ] || [ "$f" = "$BBDEB" ] || rm -f "$f"

@@ -25,6 +25,10 @@
 # linux-headers-REL with apt-get (it brings linux-headers-*-common,
 # linux-kbuild-6.1 and gcc-12, the compiler Debian built the kernel with).
 # Nothing else: the build runs in a temp copy of the sources.
+# With VRDMA_GUEST_FLAVOUR=backports (flavour.sh) nothing on the host
+# changes: the headers, common headers and kbuild packages of the backports
+# kernel are fetched through the private apt set-up and unpacked into
+# ${VRDMA_CACHE:-$HOME/.cache/vrdma}/headers-backports/REL/.
 #
 # Cache: ${VRDMA_CACHE:-$HOME/.cache/vrdma}/virtio-rdma/REL-HASH/
 #   virtio_rdma.ko, vrdma_kselftest.ko, deps/, build.log, info   (HASH: --key)
@@ -35,10 +39,13 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC=$(cd "$HERE/../../native/guest/virtio_rdma" && pwd)
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
+mkdir -p "$CACHE_ROOT"
+# shellcheck source=flavour.sh
+. "$HERE/flavour.sh"
 MOD=virtio_rdma
 DEPS=(ib_core ib_uverbs)
 mapfile -t SOURCES < <(cd / && ls "$SRC"/*.c "$SRC"/*.h "$SRC/Kbuild" "$SRC/selftest/vrdma_kselftest.c" "$SRC/selftest/Kbuild" | sort)
-SOURCES+=("$HERE/virtio-rdma.sh")
+SOURCES+=("$HERE/virtio-rdma.sh" "$HERE/flavour.sh")
 
 T0=${EPOCHREALTIME/[.,]/}
 step() {
@@ -65,7 +72,7 @@ while [ $# -gt 0 ]; do
 	shift
 done
 
-manifest="$CACHE_ROOT/guest/manifest.json"
+manifest="$CACHE_ROOT/guest$FLAVOUR_SUFFIX/manifest.json"
 if [ -z "$REL" ]; then
 	[ -f "$manifest" ] || die "no --release and no guest image ($manifest); run bash images/guest/build.sh"
 	REL=$(sed -n 's/^ *"kernelRelease": "\([^"]*\)".*/\1/p' "$manifest")
@@ -99,7 +106,40 @@ fi
 # ------------------------------------------------------------------ headers
 KDIR=/usr/src/linux-headers-$REL
 HPKG=linux-headers-$REL
-if [ ! -f "$KDIR/Makefile" ] || ! command -v make >/dev/null 2>&1; then
+MAKE_VARS=()
+if [ "$FLAVOUR" = backports ]; then
+	# Unpacked, not installed: linux-headers-REL and the two packages it needs
+	# for building modules. Its Makefile includes the common tree by absolute
+	# path; the unpacked copy points it at the unpacked one.
+	HROOT="$CACHE_ROOT/headers-backports/$REL"
+	KDIR="$HROOT/usr/src/linux-headers-$REL"
+	if [ ! -f "$HROOT/.complete" ]; then
+		command -v make >/dev/null 2>&1 && command -v gcc-12 >/dev/null 2>&1 || die "the backports kernel's modules need make and gcc-12 (apt-get install make gcc-12)"
+		flavour_apt_update || die "apt-get update of bookworm-backports failed (see $FLAVOUR_APT/update.log)"
+		deps=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$HPKG" 2>/dev/null | sed -n 's/^Depends: //p')
+		[ -n "$deps" ] || die "no $HPKG in bookworm-backports (rebuild the guest image: VRDMA_GUEST_FLAVOUR=backports bash images/guest/build.sh)"
+		pkgs=("$HPKG")
+		for want in "linux-headers-[^ ,]*-common" "linux-kbuild-[^ ,]*"; do
+			p=$(grep -o "$want" <<<"$deps" | head -n1)
+			[ -n "$p" ] || die "$HPKG does not depend on a package like $want: $deps"
+			pkgs+=("$p")
+		done
+		step "fetching ${pkgs[*]} (bookworm-backports)"
+		rm -rf "$HROOT"
+		mkdir -p "$HROOT/debs"
+		(cd "$HROOT/debs" && apt-get "${APT_OPTS[@]}" download -q -o APT::Sandbox::User=root "${pkgs[@]}") >"$HROOT/download.log" 2>&1 ||
+			die "downloading ${pkgs[*]} failed (see $HROOT/download.log)"
+		for f in "$HROOT"/debs/*.deb; do dpkg-deb -x "$f" "$HROOT" || die "dpkg -x $f failed"; done
+		sed -i "s|^include /usr/src/|include $HROOT/usr/src/|" "$KDIR/Makefile"
+		rm -rf "$HROOT/debs"
+		touch "$HROOT/.complete"
+		# one backports kernel at a time: drop the headers of earlier ones
+		for d in "$CACHE_ROOT/headers-backports"/*/; do [ "$d" = "$HROOT/" ] || rm -rf "$d"; done
+	fi
+	HVER=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$HPKG" 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
+	# BTF for modules needs pahole and the kernel's own vmlinux; neither is here, and nothing in the guest wants it
+	MAKE_VARS=(CONFIG_DEBUG_INFO_BTF_MODULES=)
+elif [ ! -f "$KDIR/Makefile" ] || ! command -v make >/dev/null 2>&1; then
 	[ "$(id -u)" = 0 ] || die "$KDIR missing; run as root, or: sudo apt-get install $HPKG make"
 	cand() { apt-cache policy "$1" 2>/dev/null | awk '/^  Candidate:/ { if ($2 != "(none)") print $2; exit }'; }
 	if [ -z "$(cand "$HPKG")" ]; then
@@ -112,7 +152,7 @@ if [ ! -f "$KDIR/Makefile" ] || ! command -v make >/dev/null 2>&1; then
 		>"$CACHE_ROOT/virtio-rdma-apt-install.log" 2>&1 || die "apt-get install $HPKG make failed (see $CACHE_ROOT/virtio-rdma-apt-install.log)"
 	[ -f "$KDIR/Makefile" ] || die "$HPKG is installed but $KDIR/Makefile is missing"
 fi
-HVER=$(dpkg-query -W -f='${Version}' "$HPKG" 2>/dev/null || true)
+[ "$FLAVOUR" = backports ] || HVER=$(dpkg-query -W -f='${Version}' "$HPKG" 2>/dev/null || true)
 if [ -n "$KVER" ] && [ -n "$HVER" ] && [ "$HVER" != "$KVER" ]; then
 	warn "$HPKG is $HVER but the guest kernel package is $KVER (same ABI name, so symbol versions should match)"
 fi
@@ -124,7 +164,7 @@ step "building $MOD.ko for $REL (headers $HVER, sources $HASH)"
 WORK=$(mktemp -d "$CACHE_ROOT/virtio-rdma/build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 cp "$SRC"/*.c "$SRC"/*.h "$SRC/Kbuild" "$WORK/"
-if ! nice -n 10 make -j1 -C "$KDIR" M="$WORK" modules >"$WORK/build.log" 2>&1; then
+if ! nice -n 10 make -j1 -C "$KDIR" M="$WORK" "${MAKE_VARS[@]}" modules >"$WORK/build.log" 2>&1; then
 	cat "$WORK/build.log" >&2
 	die "building $MOD.ko failed (log above)"
 fi
@@ -138,15 +178,15 @@ strip --strip-debug "$WORK/$MOD.ko" || die "strip --strip-debug $MOD.ko failed"
 
 mkdir -p "$WORK/selftest"
 cp "$SRC/selftest/vrdma_kselftest.c" "$SRC/selftest/Kbuild" "$WORK/selftest/"
-if ! nice -n 10 make -j1 -C "$KDIR" M="$WORK/selftest" modules >>"$WORK/build.log" 2>&1; then
+if ! nice -n 10 make -j1 -C "$KDIR" M="$WORK/selftest" "${MAKE_VARS[@]}" modules >>"$WORK/build.log" 2>&1; then
 	cat "$WORK/build.log" >&2
 	die "building vrdma_kselftest.ko failed (log above)"
 fi
 strip --strip-debug "$WORK/selftest/vrdma_kselftest.ko" || die "strip --strip-debug vrdma_kselftest.ko failed"
 
 # ------------------------------------------------------------------ deps
-KDEB=$(ls "$CACHE_ROOT"/debs/linux-image-"$REL"_*.deb 2>/dev/null | head -n1 || true)
-[ -n "$KDEB" ] || die "no linux-image-$REL .deb in $CACHE_ROOT/debs (bash images/guest/build.sh downloads it)"
+KDEB=$(ls "$CACHE_ROOT/debs$FLAVOUR_SUFFIX"/linux-image-"$REL"_*.deb 2>/dev/null | head -n1 || true)
+[ -n "$KDEB" ] || die "no linux-image-$REL .deb in $CACHE_ROOT/debs$FLAVOUR_SUFFIX (VRDMA_GUEST_FLAVOUR=$FLAVOUR bash images/guest/build.sh downloads it)"
 mkdir -p "$WORK/kroot" "$WORK/deps"
 dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/kroot" --wildcards './lib/modules/*/kernel/drivers/infiniband/core/*' \
 	|| die "unpacking the RDMA core modules from $KDEB failed"

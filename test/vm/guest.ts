@@ -185,9 +185,11 @@ export interface RunningGuest {
 
 const BUILD_HINT = 'run `bash images/guest/build.sh` (it builds and caches the guest kernel + initramfs)';
 
+/** The image directory: guest/ for Debian 12's kernel, guest-backports/ with VRDMA_GUEST_FLAVOUR=backports (images/guest/flavour.sh). */
 export function guestCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   const root = env.VRDMA_CACHE || path.join(env.HOME || os.homedir(), '.cache', 'vrdma');
-  return path.join(root, 'guest');
+  const flavour = env.VRDMA_GUEST_FLAVOUR || 'bookworm';
+  return path.join(root, flavour === 'bookworm' ? 'guest' : `guest-${flavour}`);
 }
 
 function isStringArray(v: unknown): v is string[] {

@@ -31,7 +31,7 @@ import { QEMU_RDMA, RDMA_SHELL, driverFiles, loadModules, rdmaUserFiles } from '
 const SLOTS = 4;
 const CMD_TIMEOUT_MS = 400;
 /** Seconds a pingpong may take before the guest kills it (the CQE lies stall it for good). */
-const STALL_S = 4;
+const STALL_S = 6;
 
 /** Little-endian u32 at a response field (after the 8-byte status). */
 const setResp32 = (a: Uint8Array, offset: number, v: number): void => new DataView(a.buffer, a.byteOffset).setUint32(CtrlStatus.size + offset, v, true);

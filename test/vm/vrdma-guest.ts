@@ -30,9 +30,15 @@ export const QEMU_RDMA =
 /** The host tools the guest gets besides rdma-core's own (Debian 12: perftest, iproute2). */
 export const HOST_TOOLS = ['/usr/bin/ib_write_bw', '/usr/bin/ib_read_bw', '/usr/bin/ib_send_bw', '/usr/bin/ib_write_lat', '/usr/bin/ib_send_lat', '/usr/bin/ib_read_lat', '/usr/bin/rdma'];
 
-/** Guest files: the driver and the RDMA core modules it needs, with their load order. */
-export function driverFiles(): { files: GuestFiles; order: string[] } {
-  const ko = execFileSync('bash', [join(PROJECT_ROOT, 'images', 'guest', 'virtio-rdma.sh')], { encoding: 'utf8' }).trim();
+/** The guest kernels images/guest/flavour.sh knows: Debian 12's own (6.1) and its backports kernel (6.12). */
+export type GuestFlavour = 'bookworm' | 'backports';
+
+/** Guest files: the driver and the RDMA core modules it needs, with their load order, for the flavour's kernel. */
+export function driverFiles(flavour: GuestFlavour = 'bookworm'): { files: GuestFiles; order: string[] } {
+  const ko = execFileSync('bash', [join(PROJECT_ROOT, 'images', 'guest', 'virtio-rdma.sh')], {
+    encoding: 'utf8',
+    env: { ...process.env, VRDMA_GUEST_FLAVOUR: flavour },
+  }).trim();
   const deps = join(dirname(ko), 'deps');
   const order = readFileSync(join(deps, 'order'), 'utf8').split('\n').filter(Boolean).map((f) => `deps/${f}`);
   const files: GuestFiles = {
