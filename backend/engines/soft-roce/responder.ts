@@ -19,8 +19,6 @@ import type { RocePacket } from './packet.js';
 import { type InMessage, PSN_MASK, type RoceQp, psnAdd, psnDiff, recvCompletion } from './roce-qp.js';
 import type { UdpPeer } from './udp-transport.js';
 
-/** Atomic replay records a responder keeps (rxe: max_dest_rd_atomic resources). */
-const ATOMIC_REPLAY_MAX = 16;
 /** READ responses a QP sends per turn of the event loop. */
 export const READ_BURST = 64;
 
@@ -369,8 +367,10 @@ export class Responder {
     if (r.status !== WcStatus.SUCCESS) return this.nakAccess(qp, `atomic at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`, psn);
     qp.rqPsn = psnAdd(psn, 1);
     qp.msn = (qp.msn + 1) & PSN_MASK;
+    // One record per responder resource (rxe: max_dest_rd_atomic): a requester never has more
+    // atomics unacknowledged, so the duplicate of any of them finds its original result.
     qp.atomicReplay.push({ psn, original: r.original });
-    if (qp.atomicReplay.length > ATOMIC_REPLAY_MAX) qp.atomicReplay.shift();
+    if (qp.atomicReplay.length > Math.max(1, qp.attrs.maxDestRdAtomic)) qp.atomicReplay.shift();
     this.sendAtomicAck(qp, psn, r.original);
   }
 

@@ -492,6 +492,24 @@ describe('SoftRoceEngine RC atomics', () => {
     expect(remote.read(0, 8)).toEqual(le64(1005n));
   });
 
+  it('keeps a replay record for each of max_dest_rd_atomic atomics: 24 in flight, every ACK lost, each executed once', async () => {
+    const n = 24; // more than the 16 records an engine-wide constant once kept
+    const [qa] = connect({ accessFlags: ALL, timeout: 10, maxRdAtomic: n }, { accessFlags: ALL, maxDestRdAtomic: n });
+    const remote = mr(b, 8);
+    const local = mr(a, 8 * n);
+    remote.write(0, le64(1000n));
+    let dropped = 0;
+    b.engine.outgoingHook = (x) => !(x[0] === 0x12 && dropped++ < n);
+    for (let i = 0; i < n; i++) {
+      postSend(a, qa, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(8 * i, 8)], remoteAddr: remote.iova, rkey: remote.rkey, compareAdd: 5n });
+    }
+    await until(() => a.host.sends.length === n);
+    expect(dropped).toBeGreaterThanOrEqual(n);
+    expect(a.host.sends.map((c) => c.status)).toEqual(Array<WcStatus>(n).fill(WcStatus.SUCCESS));
+    for (let i = 0; i < n; i++) expect(local.read(8 * i, 8), `atomic ${i}`).toEqual(le64(1000n + 5n * BigInt(i)));
+    expect(remote.read(0, 8)).toEqual(le64(1000n + 5n * BigInt(n)));
+  });
+
   it('atomic without REMOTE_ATOMIC on the responder -> REM_ACCESS_ERR, memory untouched', async () => {
     const [qa] = connect({ accessFlags: ALL });
     const remote = mr(b, 16);
