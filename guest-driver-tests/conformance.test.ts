@@ -43,6 +43,13 @@ const CONFIGS: Config[] = [
     scenarios: Object.fromEntries(['udSendRecv', 'rcSendRecv', 'queryBasics', 'limitAh'].map((n) => [n, ALL_SCENARIOS[n]!])),
   },
   {
+    name: 'in-process, IB GRHs negotiated (VIRTIO_RDMA_F_IB_GRH)',
+    mode: 'in-process',
+    driver: { ibGrh: true },
+    gids: ['10.1.2.3', 'fd00:1234::7'],
+    scenarios: Object.fromEntries(['udSendRecv'].map((n) => [n, ALL_SCENARIOS[n]!])),
+  },
+  {
     name: 'separate process',
     mode: 'process',
     limits: { numCqSlots: 8, numQpSlots: 8 },
@@ -55,7 +62,7 @@ async function runScenario(cfg: Config, name: string, fn: Scenario): Promise<voi
   let ok = false;
   try {
     const drv = await dut.open({ name, ...cfg.driver });
-    await fn({ a: drv, b: drv, fresh: true });
+    await fn({ a: drv, b: drv, fresh: true, grhLayout: drv.grhLayout });
     // Everything the scenario created was destroyed: the device holds no WQE or CQE buffer any more.
     const held = [...drv.outstandingDescriptors()].filter(([vq]) => vq !== 0);
     expect(drv.violations, 'ABI violations seen by the driver').toEqual([]);

@@ -102,7 +102,7 @@ async function runAcross(name: string, fn: Scenario): Promise<void> {
   try {
     const drvA = await a.open({ name: `${name}/A` });
     const drvB = await b.open({ name: `${name}/B` });
-    await fn({ a: drvA, b: drvB, fresh: true });
+    await fn({ a: drvA, b: drvB, fresh: true, grhLayout: drvB.grhLayout });
     expectClean(drvA, 'A');
     expectClean(drvB, 'B');
     ok = true;

@@ -7,6 +7,11 @@
 
 export const VIRTIO_ID_RDMA = 42;
 export const VIRTIO_RDMA_ABI_VERSION = 1;
+/**
+ * Device feature bit 0: UD receives carry an IB / RoCE v1 GRH for every GID
+ * (docs/virtio-rdma.md §1, §6), for a driver that shows its consumers IB-typed GIDs.
+ */
+export const VIRTIO_RDMA_F_IB_GRH = 0;
 /** Byte size of every page in MR page lists. */
 export const RDMA_PAGE_SIZE = 4096;
 /** Entries in one page-list page (4096 / 8). */

@@ -10,7 +10,7 @@ import type { Logger } from '../../virtio/log.js';
 import { DescriptorChain } from '../../virtio/queue/descriptor-chain.js';
 import { GuestMemory } from '../../virtio/memory/guest-memory.js';
 import type { SplitVirtqueue } from '../../virtio/queue/split-queue.js';
-import { VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit } from '../../virtio/vhost-user/protocol.js';
+import { VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit, hasBit } from '../../virtio/vhost-user/protocol.js';
 import {
   CONTROL_VQ,
   Cmd,
@@ -23,6 +23,7 @@ import {
   SendOp,
   Status,
   VIRTIO_RDMA_ABI_VERSION,
+  VIRTIO_RDMA_F_IB_GRH,
   WcOpcode,
   WcStatus,
   cqVq,
@@ -32,7 +33,7 @@ import {
   sendWcOpcode,
 } from '../abi/constants.js';
 import { Cqe, CtrlHeader, CtrlStatus, DeviceConfig, RecvWqe, SendWqe, Sge as SgeStruct } from '../abi/structs.js';
-import type { Completion, Engine, EngineHost, RecvWr, SendWr, Sge } from '../engine/engine.js';
+import type { Completion, Engine, EngineHost, GrhLayout, RecvWr, SendWr, Sge } from '../engine/engine.js';
 import { ControlPlane } from './control.js';
 import { ControlError } from './errors.js';
 import { resolveLimits, type RdmaLimits } from './limits.js';
@@ -83,7 +84,9 @@ export class RdmaDevice implements VirtioDevice {
   readonly deviceId = 42;
   readonly numQueues: number;
   readonly maxQueueSize: number;
-  readonly features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_EVENT_IDX) | bit(VIRTIO_F_RING_INDIRECT_DESC);
+  readonly features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_EVENT_IDX) | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_RDMA_F_IB_GRH);
+  /** What UD receives' GRHs look like: the driver's choice (VIRTIO_RDMA_F_IB_GRH), RoCEv2's until it acks. */
+  private grhLayout: GrhLayout = 'rocev2';
   readonly configSize = DeviceConfig.size;
 
   readonly limits: RdmaLimits;
@@ -171,7 +174,11 @@ export class RdmaDevice implements VirtioDevice {
 
   private memoryAccess: GuestMemoryAccess | null = null;
 
-  setAckedFeatures(): void {}
+  setAckedFeatures(features: bigint): void {
+    const layout: GrhLayout = hasBit(features, VIRTIO_RDMA_F_IB_GRH) ? 'ib' : 'rocev2';
+    if (layout !== this.grhLayout) this.log.info(`UD receives get ${layout === 'ib' ? 'IB (RoCE v1)' : 'RoCEv2'} GRHs`);
+    this.grhLayout = layout;
+  }
 
   notifiesItself(index: number): boolean {
     return index >= 1 && index <= this.limits.numCqSlots;
@@ -210,6 +217,7 @@ export class RdmaDevice implements VirtioDevice {
     this.ctx = null;
     this.memoryAccess = null;
     this.suspended = false;
+    this.grhLayout = 'rocev2'; // features are negotiated again
   }
 
   saveState(): Uint8Array {
@@ -634,6 +642,9 @@ export class RdmaDevice implements VirtioDevice {
         return device.memoryAccess;
       },
       log: this.log.child('engine'),
+      get grhLayout() {
+        return device.grhLayout;
+      },
       sendDone: (qpn, token, completion) => this.sendDone(qpn, token, completion),
       recvDone: (qpn, token, completion) => this.recvDone(qpn, token, completion),
       qpFailed: (qpn, reason) => {

@@ -144,9 +144,20 @@ export interface MemoryAccess {
 }
 
 /** What the device model gives an engine. */
+/**
+ * How a UD receive presents its 40-byte GRH (docs/virtio-rdma.md §6):
+ * 'rocev2' as Linux does for RoCEv2 (an IPv4 header after 20 zero bytes
+ * for IPv4-mapped GIDs), 'ib' as for IB and RoCE v1 (an IPv6-format GRH
+ * with next header 0x1B for every GID). The driver chooses with
+ * VIRTIO_RDMA_F_IB_GRH, to match the GID types it shows its consumers.
+ */
+export type GrhLayout = 'rocev2' | 'ib';
+
 export interface EngineHost {
   readonly memory: MemoryAccess;
   readonly log: Logger;
+  /** The GRH layout the driver negotiated; read when a GRH is built. */
+  readonly grhLayout: GrhLayout;
   /**
    * A send WR is finished. The device returns its SQ buffer and writes a
    * CQE when the WR was signalled or failed. Exactly once per token.

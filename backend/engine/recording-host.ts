@@ -5,7 +5,7 @@
  * attached yet.
  */
 import { Logger } from '../../virtio/log.js';
-import type { Completion, EngineHost, MemoryAccess } from './engine.js';
+import type { Completion, EngineHost, GrhLayout, MemoryAccess } from './engine.js';
 
 export interface RecordedCompletion extends Completion {
   qpn: number;
@@ -51,6 +51,8 @@ export class RecordingHost implements EngineHost {
   gid(index: number): Uint8Array | null {
     return this.gids[index] ?? null;
   }
+
+  grhLayout: GrhLayout = 'rocev2';
 
   sendsOf(qpn: number): RecordedCompletion[] {
     return this.sends.filter((d) => d.qpn === qpn);

@@ -16,7 +16,7 @@ import type { Logger } from '../../virtio/log.js';
 import { Access, QpState, QpType, type SendOp, WcStatus } from '../abi/constants.js';
 import { GuestMemoryAccess } from '../device/memory-access.js';
 import { MrTable } from '../device/mr-table.js';
-import { resetQpAttributes, type AddressVector, type Completion, type Engine, type EngineHost, type MemoryAccess, type QpAttributes, type Sge } from '../engine/engine.js';
+import { resetQpAttributes, type AddressVector, type Completion, type Engine, type EngineHost, type GrhLayout, type MemoryAccess, type QpAttributes, type Sge } from '../engine/engine.js';
 
 const PAGE = 4096;
 /** Where the local region sits in the device's "guest-physical" space (and so the MR addresses peers see). */
@@ -232,6 +232,9 @@ export class PeerDevice implements EngineHost {
   gid(index: number): Uint8Array | null {
     return this.gids[index] ?? null;
   }
+
+  /** The stock tools on the other end run on RoCEv2 GIDs: their layout. */
+  readonly grhLayout: GrhLayout = 'rocev2';
 
   close(): void {
     if (this.closed) return;

@@ -24,6 +24,7 @@ import {
   SendFlag,
   Status,
   VIRTIO_RDMA_ABI_VERSION,
+  VIRTIO_RDMA_F_IB_GRH,
   WcOpcode,
   WcStatus,
   CONTROL_VQ,
@@ -152,6 +153,8 @@ export interface RefDriverOptions {
   /** Throw on the first contract violation instead of recording it. */
   strict?: boolean;
   commandTimeoutMs?: number;
+  /** Negotiate VIRTIO_RDMA_F_IB_GRH: UD receives then carry IB GRHs (docs/virtio-rdma.md §6). */
+  ibGrh?: boolean;
 }
 
 /** The device did something the ABI does not allow, as far as the driver can see. */
@@ -239,6 +242,8 @@ type Config = StructValue<typeof DeviceConfig.fields>;
 export class RefDriver implements Verbs {
   readonly name: string;
   readonly violations: string[] = [];
+  /** The GRH layout UD receives get on this device (VIRTIO_RDMA_F_IB_GRH negotiated or not). */
+  grhLayout: 'rocev2' | 'ib' = 'rocev2';
   config!: Config;
   private readonly ram: GuestRam;
   private allocator!: GuestAllocator;
@@ -278,6 +283,7 @@ export class RefDriver implements Verbs {
       scribblePageLists: options.scribblePageLists ?? true,
       strict: options.strict ?? false,
       commandTimeoutMs: options.commandTimeoutMs ?? 10_000,
+      ibGrh: options.ibGrh ?? false,
     };
     // Keep the first page of guest memory unused so no buffer sits at address 0 of the region.
     this.ram = new GuestRam(this.opts.gpaBase, this.opts.ramBytes, PAGE);
@@ -297,8 +303,14 @@ export class RefDriver implements Verbs {
 
   private async init(): Promise<void> {
     const fe = this.fe;
-    const want = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_RING_EVENT_IDX) | (this.opts.indirect ? bit(VIRTIO_F_RING_INDIRECT_DESC) : 0n);
+    const want =
+      bit(VIRTIO_F_VERSION_1) |
+      bit(VIRTIO_F_RING_EVENT_IDX) |
+      (this.opts.indirect ? bit(VIRTIO_F_RING_INDIRECT_DESC) : 0n) |
+      (this.opts.ibGrh ? bit(VIRTIO_RDMA_F_IB_GRH) : 0n);
     await fe.negotiate(want, (1n << 20n) - 1n);
+    if (this.opts.ibGrh && !hasBit(fe.features, VIRTIO_RDMA_F_IB_GRH)) this.violation('device does not offer VIRTIO_RDMA_F_IB_GRH (§1 says it does)');
+    this.grhLayout = hasBit(fe.features, VIRTIO_RDMA_F_IB_GRH) ? 'ib' : 'rocev2';
     if (!hasBit(fe.features, VIRTIO_F_VERSION_1)) throw new DriverProtocolError('device does not offer VIRTIO_F_VERSION_1');
     const eventIdx = hasBit(fe.features, VIRTIO_F_RING_EVENT_IDX);
     if (!eventIdx) this.violation('device does not offer VIRTIO_F_RING_EVENT_IDX (§1 says it does)');

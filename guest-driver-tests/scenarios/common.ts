@@ -40,6 +40,8 @@ export interface ScenarioEnv {
   /** How long to watch for something that must not happen (an interrupt, a completion). Default 100 ms. */
   quietMs?: number;
   log?: (msg: string) => void;
+  /** The GRH layout `b` negotiated (VIRTIO_RDMA_F_IB_GRH: 'ib'); default RoCEv2's. */
+  grhLayout?: 'rocev2' | 'ib';
 }
 
 export type Scenario = (env: ScenarioEnv) => Promise<void>;

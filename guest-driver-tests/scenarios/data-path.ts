@@ -284,7 +284,7 @@ export async function udSendRecv(env: ScenarioEnv): Promise<void> {
     );
     expectBytes(await env.b.readBuffer(dst.buf, 40, N), pattern(N, 21), 'UD payload after the GRH');
     expectBytes(await env.b.readBuffer(dst.buf, 40 + N, 32), filled(32, SENTINEL), 'receive buffer past the UD payload');
-    checkGrh(await env.b.readBuffer(dst.buf, 0, 40), gidA, gidB);
+    checkGrh(await env.b.readBuffer(dst.buf, 0, 40), gidA, gidB, env.grhLayout ?? 'rocev2');
 
     // A wrong Q_Key: silently dropped at the receiver; the sender still completes.
     await env.b.postRecv(b.qp, [{ wrId: 13n, sgList: [{ addr: dst.buf.addr, length: 40 + N, lkey: dst.mr.lkey }] }]);
@@ -296,10 +296,19 @@ export async function udSendRecv(env: ScenarioEnv): Promise<void> {
   });
 }
 
-/** The 40-byte GRH of §6: IPv6 header, or 20 zero bytes + IPv4 header for IPv4-mapped GIDs. */
-function checkGrh(grh: Uint8Array, sgid: Uint8Array, dgid: Uint8Array): void {
+/**
+ * The 40-byte GRH of §6: with the RoCEv2 layout an IPv6 header, or 20 zero
+ * bytes + IPv4 header for IPv4-mapped GIDs; with the IB layout an IB GRH
+ * (IPv6 format, next header 0x1B) for every GID.
+ */
+function checkGrh(grh: Uint8Array, sgid: Uint8Array, dgid: Uint8Array, layout: 'rocev2' | 'ib'): void {
   const v4mapped = (g: Uint8Array): boolean => g.subarray(0, 10).every((x) => x === 0) && g[10] === 0xff && g[11] === 0xff;
-  if (v4mapped(sgid) && v4mapped(dgid)) {
+  if (layout === 'ib') {
+    expectEq(grh[0]! >> 4, 6, 'IB GRH IP version');
+    expectEq(grh[6], 0x1b, 'IB GRH next header (BTH)');
+    expectBytes(grh.subarray(8, 24), sgid, 'IB GRH source GID');
+    expectBytes(grh.subarray(24, 40), dgid, 'IB GRH destination GID');
+  } else if (v4mapped(sgid) && v4mapped(dgid)) {
     expectBytes(grh.subarray(0, 20), filled(20, 0), 'GRH bytes 0..19 (IPv4 form: zero)');
     expectEq(grh[20]! >> 4, 4, 'GRH IPv4 version');
     expectEq(grh[20]! & 0xf, 5, 'GRH IPv4 IHL');

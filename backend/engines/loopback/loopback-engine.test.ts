@@ -747,6 +747,25 @@ describe('UD', () => {
     expect(sum).toBe(0xffff);
   });
 
+  it('with the IB layout negotiated, an IPv4-mapped GID gets an IB GRH: IPv6 format, next header 0x1B, no UDP in the length', async () => {
+    r.host.grhLayout = 'ib';
+    const a = udQp();
+    const b = udQp();
+    const buf = mr(PAGE, LOCAL);
+    postRecv(b, [buf.sge(0, 100)]);
+    postSend(a, { sges: [buf.sge(2000, 10)], ud: ud(b, 0x1111, GID_V4, 0) });
+    await settle();
+    expect(r.host.recvs[0]).toMatchObject({ status: WcStatus.SUCCESS, byteLen: 50, flags: WcFlag.GRH });
+    const grh = buf.read(0, 40);
+    const dv = new DataView(grh.buffer);
+    expect(dv.getUint32(0)).toBe(((6 << 28) | (0x20 << 20) | 0x12345) >>> 0);
+    expect(dv.getUint16(4)).toBe(12 + 8 + 12 + 4); // BTH, DETH, 10 bytes padded to 12, ICRC
+    expect(grh[6]).toBe(0x1b);
+    expect(grh[7]).toBe(7);
+    expect(grh.subarray(8, 24)).toEqual(GID_V4);
+    expect(grh.subarray(24, 40)).toEqual(GID_V4);
+  });
+
   it('is dropped silently on a Q_Key mismatch, a foreign GID, an unknown QPN, a non-UD QP, or no receive; a high-bit Q_Key uses the QP’s own', async () => {
     const a = udQp(0x2222);
     const b = udQp(0x2222);

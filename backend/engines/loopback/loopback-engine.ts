@@ -369,6 +369,7 @@ export class LoopbackEngine implements Engine {
       payloadStaging: this.payloadStaging,
       replyStaging: this.replyStaging,
       gid: (i) => host.gid(i),
+      grhLayout: host.grhLayout,
       deliver: (src, wr, msg) => this.deliver(host, memory, src, wr, msg),
     };
   }

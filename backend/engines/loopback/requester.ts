@@ -5,8 +5,8 @@
  * responder it never calls the host; the completer applies the step.
  */
 import { QpType, SendFlag, SendOp, WcStatus } from '../../abi/constants.js';
-import type { Completion, MemoryAccess, SendWr } from '../../engine/engine.js';
-import { buildGrh } from './grh.js';
+import type { Completion, GrhLayout, MemoryAccess, SendWr } from '../../engine/engine.js';
+import { GRH_SIZE, buildGrh } from './grh.js';
 import { CHUNK, MAX_MESSAGE, type Message, type MessageOp, Payload, UD_MAX_PAYLOAD, sgeTotal, sliceSges } from './message.js';
 import type { LoopbackQp, RecvEntry, SendEntry } from './qp.js';
 import type { ResponderResult } from './responder.js';
@@ -27,6 +27,8 @@ export interface RequesterContext {
   readonly replyStaging: Uint8Array;
   /** Local GID by index (the sender's source GID for UD). */
   gid(index: number): Uint8Array | null;
+  /** The GRH layout a UD receive gets. */
+  readonly grhLayout: GrhLayout;
   /** Sends the request; null when nobody answers (no such QP, not reachable). */
   deliver(src: LoopbackQp, wr: SendWr, msg: Message): Delivery | null;
 }
@@ -90,7 +92,8 @@ export function request(ctx: RequesterContext, qp: LoopbackQp, entry: SendEntry)
     if (wr.ud === null) return done(WcStatus.LOC_QP_OP_ERR);
     if (length > UD_MAX_PAYLOAD) return done(WcStatus.LOC_LEN_ERR);
     const sgid = ctx.gid(wr.ud.av.sgidIndex) ?? new Uint8Array(16);
-    grh = buildGrh(sgid, wr.ud.av, length, wr.opcode === SendOp.SEND_WITH_IMM);
+    grh = new Uint8Array(GRH_SIZE); // travels with the message (one per UD message, like its payload)
+    buildGrh(grh, ctx.grhLayout, sgid, wr.ud.av, length, wr.opcode === SendOp.SEND_WITH_IMM);
     qkey = effectiveQkey(qp, wr.ud.remoteQkey);
   }
   let payload: Payload | null = null;

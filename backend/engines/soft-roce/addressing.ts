@@ -44,13 +44,19 @@ export function peerBytes(p: UdpPeer): Uint8Array {
   return out;
 }
 
+/** Writes the GID an endpoint's address stands for into `out` (16 bytes). */
+export function putPeerGid(out: Uint8Array, p: UdpPeer): void {
+  if (p.family === 6) return putPeerBytes(out, p);
+  out.fill(0, 0, 10);
+  out[10] = 0xff;
+  out[11] = 0xff;
+  putPeerBytes(out, p, 12);
+}
+
 /** The GID an endpoint's address stands for. */
 export function peerGid(p: UdpPeer): Uint8Array {
-  if (p.family === 6) return peerBytes(p);
   const gid = new Uint8Array(16);
-  gid[10] = 0xff;
-  gid[11] = 0xff;
-  gid.set(peerBytes(p), 12);
+  putPeerGid(gid, p);
   return gid;
 }
 

@@ -11,7 +11,7 @@ import type { AddressVector, MemoryAccess } from '../../engine/engine.js';
 import { GRH_SIZE, buildGrh } from '../loopback/grh.js';
 import { sliceSges } from '../loopback/message.js';
 import { receiving } from '../loopback/qp.js';
-import { peerGid } from './addressing.js';
+import { putPeerGid } from './addressing.js';
 import type { RoceCore } from './core.js';
 import { Syndrome } from './headers.js';
 import { Opcode } from './opcodes.js';
@@ -41,6 +41,11 @@ function hasImmediate(op: number): boolean {
 
 export class Responder {
   constructor(private readonly core: RoceCore) {}
+
+  /** Scratch for a UD receive's GRH: the sender's GID, the address it came to, the header. */
+  private readonly udSgid = new Uint8Array(16);
+  private readonly udAv: AddressVector = { dgid: new Uint8Array(16), sgidIndex: 0, hopLimit: 64, trafficClass: 0, flowLabel: 0, sl: 0 };
+  private readonly udGrh = new Uint8Array(GRH_SIZE);
 
   /** An RC request (SEND, WRITE, READ, atomic). */
   onRequest(qp: RoceQp, pkt: RocePacket): void {
@@ -210,8 +215,10 @@ export class Responder {
     }
     const withImm = pkt.opcode === Opcode.UD_SEND_ONLY_WITH_IMMEDIATE;
     const n = pkt.payloadLength;
-    const av: AddressVector = { dgid: peerGid(core.local), sgidIndex: 0, hopLimit: 64, trafficClass: 0, flowLabel: 0, sl: 0 };
-    const grh = buildGrh(peerGid(src), av, n, withImm);
+    const grh = this.udGrh;
+    putPeerGid(this.udSgid, src);
+    putPeerGid(this.udAv.dgid, core.local);
+    buildGrh(grh, core.host().grhLayout, this.udSgid, this.udAv, n, withImm);
     qp.rq.shift();
     let s = GRH_SIZE + n > entry.wr.length ? WcStatus.LOC_LEN_ERR : memory.scatter(qp.pdn, sliceSges(entry.wr.sges, 0, GRH_SIZE), grh, 0, GRH_SIZE);
     if (s === WcStatus.SUCCESS && n > 0) s = memory.scatter(qp.pdn, sliceSges(entry.wr.sges, GRH_SIZE, n), pkt.buffer, pkt.payloadOffset, n);

@@ -365,6 +365,69 @@ out:
 	return ret;
 }
 
+/*
+ * A UD server's reply path: b answers a datagram through an address handle
+ * built from the completion and the GRH it received (ibv_create_ah_from_wc),
+ * as UD services do; a gets the answer.
+ */
+static int ud_reply_from_wc(void)
+{
+	struct pair p;
+	struct ibv_ah *ah = NULL, *reply = NULL;
+	struct ibv_wc wc;
+	const uint32_t len = 64;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_UD, 7))
+		goto out;
+	fill(p.a.buf, len, 5);
+	fill(p.b.buf + 4096, len, 6);
+	if (post_recv(&p.b, 7, 0, 40 + len) || post_recv(&p.a, 8, 8192, 40 + len))
+		goto out;
+	struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
+				  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
+	ah = ibv_create_ah(p.pd, &aa);
+	if (!ah) {
+		fail("ibv_create_ah: %s", strerror(errno));
+		goto out;
+	}
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = len, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 1, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND,
+				  .send_flags = IBV_SEND_SIGNALED };
+	wr.wr.ud.ah = ah;
+	wr.wr.ud.remote_qpn = p.b.qp->qp_num;
+	wr.wr.ud.remote_qkey = QKEY;
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 1, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 7, IBV_WC_SUCCESS, IBV_WC_RECV, 40 + len, &wc))
+		goto out;
+	reply = ibv_create_ah_from_wc(p.pd, &wc, (struct ibv_grh *)p.b.buf, 1);
+	if (!reply) {
+		fail("ibv_create_ah_from_wc on the received GRH: %s", strerror(errno));
+		goto out;
+	}
+	struct ibv_sge rsge = { .addr = (uintptr_t)p.b.buf + 4096, .length = len, .lkey = p.b.mr->lkey };
+	struct ibv_send_wr rwr = { .wr_id = 2, .sg_list = &rsge, .num_sge = 1, .opcode = IBV_WR_SEND,
+				   .send_flags = IBV_SEND_SIGNALED };
+	rwr.wr.ud.ah = reply;
+	rwr.wr.ud.remote_qpn = wc.src_qp;
+	rwr.wr.ud.remote_qkey = QKEY;
+	if (post_send(&p.b, &rwr) || expect_wc(p.b.scq, 2, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.a.rcq, 8, IBV_WC_SUCCESS, IBV_WC_RECV, 40 + len, NULL))
+		goto out;
+	if (memcmp(p.a.buf + 8192 + 40, p.b.buf + 4096, len)) {
+		fail("reply bytes differ");
+		goto out;
+	}
+	ret = 0;
+out:
+	if (reply)
+		ibv_destroy_ah(reply);
+	if (ah)
+		ibv_destroy_ah(ah);
+	pair_close(&p);
+	return ret;
+}
+
 static int rc_send_recv(void) { return send_recv(IBV_QPT_RC, 5000, false); }
 static int rc_send_with_imm(void) { return send_recv(IBV_QPT_RC, 100, true); }
 static int uc_send_recv(void) { return send_recv(IBV_QPT_UC, 3000, false); }
@@ -784,6 +847,7 @@ static const struct scenario scenarios[] = {
 	{ "rcSendWithImm", rc_send_with_imm },
 	{ "ucSendRecv", uc_send_recv },
 	{ "udSendRecv", ud_send_recv },
+	{ "udReplyFromWc", ud_reply_from_wc },
 	{ "zeroLengthSend", zero_length_send },
 	{ "rdmaWrite", rdma_write },
 	{ "rdmaWriteWithImm", rdma_write_with_imm },

@@ -448,8 +448,10 @@ static int vrdma_probe(struct virtio_device *vdev)
 		dev_err(&vdev->dev, "ib_register_device failed: %d\n", err);
 		goto err_reset;
 	}
-	dev_info(&vdev->dev, "%s: %u CQ slots, %u QP slots, %u GIDs, rings cq %u qp %u\n",
-		 dev_name(&dev->ib.dev), c, q, gids, dev->cq_ring_min, dev->qp_ring_min);
+	dev_info(&vdev->dev, "%s: %u CQ slots, %u QP slots, %u GIDs, rings cq %u qp %u%s\n",
+		 dev_name(&dev->ib.dev), c, q, gids, dev->cq_ring_min, dev->qp_ring_min,
+		 virtio_has_feature(vdev, VIRTIO_RDMA_F_IB_GRH) ? "" :
+		 "; the device lacks VIRTIO_RDMA_F_IB_GRH: UD GRHs from IPv4 GIDs will not parse as IB GRHs");
 	return 0;
 
 err_reset:
@@ -482,13 +484,13 @@ static const struct virtio_device_id vrdma_id_table[] = {
 };
 MODULE_DEVICE_TABLE(virtio, vrdma_id_table);
 
-static unsigned int vrdma_features[] = {};
+static unsigned int vrdma_features[] = { VIRTIO_RDMA_F_IB_GRH };
 
 static struct virtio_driver vrdma_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.driver.owner = THIS_MODULE,
 	.feature_table = vrdma_features,
-	.feature_table_size = 0,
+	.feature_table_size = ARRAY_SIZE(vrdma_features),
 	.id_table = vrdma_id_table,
 	.probe = vrdma_probe,
 	.remove = vrdma_remove,

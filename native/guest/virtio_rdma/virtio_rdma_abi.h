@@ -13,6 +13,14 @@
 
 #define VIRTIO_ID_RDMA_DEV	42	/* not in 6.1's virtio_ids.h */
 #define VRDMA_ABI_VERSION	1
+
+/*
+ * Device feature bit 0: UD receives carry an IB / RoCE v1 GRH (IPv6 format,
+ * next header 0x1B) for every GID, instead of RoCEv2's IPv4 header for
+ * IPv4-mapped GIDs. This driver shows IB-typed GIDs, so it takes it: then
+ * ibv_init_ah_from_wc() and ib_init_ah_attr_from_wc() parse what they get.
+ */
+#define VIRTIO_RDMA_F_IB_GRH	0
 #define VRDMA_PAGE_SIZE		4096
 #define VRDMA_PAGE_LIST_ENTRIES	512
 #define VRDMA_MAX_MR_PAGES	(VRDMA_PAGE_LIST_ENTRIES * VRDMA_PAGE_LIST_ENTRIES)
