@@ -7,9 +7,11 @@
  *
  *   vrdma_conformance -d DEVICE [-g GID_INDEX] [-s SCENARIO] [-r] [-v]
  *
- * -r accepts the statuses Linux rxe (6.1) reports where the verbs
- * specification names another: LOC_QP_OP_ERR for a bad lkey and for a
- * SEND larger than the receive buffer (spec: LOC_PROT_ERR, LOC_LEN_ERR).
+ * -r accepts what Linux rxe (6.1) reports where the verbs specification
+ * names another: LOC_QP_OP_ERR for a bad lkey and for a SEND larger than
+ * the receive buffer (spec: LOC_PROT_ERR, LOC_LEN_ERR); and a queried hop
+ * limit of 64 where 1 was set (the kernel's RoCE address resolution puts
+ * the route's hop limit in).
  *
  * Every scenario opens its own PD, CQs and QPs; data-path scenarios
  * connect two QPs of the same device (the engine loops the traffic back).
@@ -575,6 +577,146 @@ out:
 	return ret;
 }
 
+/* ibv_query_qp gives back what connect_qp set, and the QP's type and capabilities. */
+static int query_qp_attributes(void)
+{
+	struct pair p;
+	struct ibv_qp_attr a;
+	struct ibv_qp_init_attr init;
+	int ret = -1;
+	int mask = IBV_QP_STATE | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN | IBV_QP_SQ_PSN |
+		   IBV_QP_AV | IBV_QP_ACCESS_FLAGS | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
+		   IBV_QP_MAX_QP_RD_ATOMIC | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER | IBV_QP_CAP;
+
+	if (pair_open(&p, IBV_QPT_RC, 6))
+		goto out;
+	memset(&a, 0, sizeof(a));
+	memset(&init, 0, sizeof(init));
+	if (ibv_query_qp(p.a.qp, &a, mask, &init)) {
+		fail("ibv_query_qp: %s", strerror(errno));
+		goto out;
+	}
+	if (a.qp_state != IBV_QPS_RTS || a.path_mtu != IBV_MTU_1024 || a.dest_qp_num != p.b.qp->qp_num ||
+	    a.rq_psn != p.b.psn || a.sq_psn != p.a.psn || a.qp_access_flags != ALL_ACCESS) {
+		fail("state %d mtu %d dest 0x%x rq_psn 0x%x sq_psn 0x%x access 0x%x", a.qp_state, a.path_mtu,
+		     a.dest_qp_num, a.rq_psn, a.sq_psn, a.qp_access_flags);
+		goto out;
+	}
+	if (a.timeout != 14 || a.retry_cnt != 7 || a.rnr_retry != 6 || a.max_rd_atomic != 1 ||
+	    a.max_dest_rd_atomic != 1 || a.min_rnr_timer != 1) {
+		fail("timeout %d retry %d rnr_retry %d rd_atomic %d/%d min_rnr_timer %d", a.timeout, a.retry_cnt,
+		     a.rnr_retry, a.max_rd_atomic, a.max_dest_rd_atomic, a.min_rnr_timer);
+		goto out;
+	}
+	/*
+	 * rxe: on a RoCE port the kernel resolves the destination's MAC and
+	 * replaces the hop limit with the route's (ib_resolve_eth_dmac: 64).
+	 */
+	bool hop_ok = a.ah_attr.grh.hop_limit == 1 || (rxe_tolerances && a.ah_attr.grh.hop_limit == 64);
+
+	if (!a.ah_attr.is_global || memcmp(&a.ah_attr.grh.dgid, &gid, sizeof(gid)) ||
+	    a.ah_attr.grh.sgid_index != gid_index || !hop_ok || a.ah_attr.port_num != 1) {
+		fail("address vector: global %d sgid_index %d hop_limit %d port %d", a.ah_attr.is_global,
+		     a.ah_attr.grh.sgid_index, a.ah_attr.grh.hop_limit, a.ah_attr.port_num);
+		goto out;
+	}
+	if (init.qp_type != IBV_QPT_RC || init.sq_sig_all ||
+	    (int)a.cap.max_send_wr < MIN(64, dev_attr.orig_attr.max_qp_wr) ||
+	    (int)a.cap.max_send_sge < MIN(4, dev_attr.orig_attr.max_sge) || a.cap.max_inline_data < 48) {
+		fail("type %d sig_all %d caps wr %u sge %u inline %u", init.qp_type, init.sq_sig_all,
+		     a.cap.max_send_wr, a.cap.max_send_sge, a.cap.max_inline_data);
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/*
+ * A full send queue refuses the next WR with ENOMEM and names it in bad_wr;
+ * the queued WRs still complete. The receiver has no receive buffers at
+ * first, so the SENDs wait in RNR retries and the queue stays full.
+ */
+static int send_queue_full(void)
+{
+	struct pair p;
+	struct ibv_qp_attr a;
+	struct ibv_qp_init_attr init;
+	struct ibv_send_wr *wrs = NULL, *bad = NULL, extra;
+	struct ibv_sge sge;
+	uint32_t depth;
+	int ret = -1, err;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	if (ibv_query_qp(p.a.qp, &a, IBV_QP_CAP, &init)) {
+		fail("ibv_query_qp: %s", strerror(errno));
+		goto out;
+	}
+	depth = a.cap.max_send_wr;
+	wrs = calloc(depth, sizeof(*wrs));
+	CHECK(wrs, "out of memory");
+	sge = (struct ibv_sge){ .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	for (uint32_t i = 0; i < depth; i++) {
+		wrs[i] = (struct ibv_send_wr){ .wr_id = 100 + i, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND,
+					       .send_flags = i + 1 == depth ? IBV_SEND_SIGNALED : 0,
+					       .next = i + 1 < depth ? &wrs[i + 1] : NULL };
+	}
+	if (post_send(&p.a, wrs))
+		goto out;
+	extra = (struct ibv_send_wr){ .wr_id = 99, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND,
+				      .send_flags = IBV_SEND_SIGNALED };
+	err = ibv_post_send(p.a.qp, &extra, &bad);
+	if (err != ENOMEM || bad != &extra) {
+		fail("WR %u on a send queue of %u: %s, bad_wr %s", depth + 1, depth, err ? strerror(err) : "accepted",
+		     bad == &extra ? "names it" : "does not name it");
+		goto out;
+	}
+	for (uint32_t i = 0; i < depth; i++)
+		if (post_recv(&p.b, 200 + i, 0, 64))
+			goto out;
+	if (expect_wc(p.a.scq, 100 + depth - 1, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL))
+		goto out;
+	ret = 0;
+out:
+	free(wrs);
+	pair_close(&p);
+	return ret;
+}
+
+/* A zero-length RDMA WRITE with immediate consumes a receive (byte_len 0); a plain one does not. */
+static int zero_length_write_with_imm(void)
+{
+	struct pair p;
+	struct ibv_wc wc;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 31, 0, 64))
+		goto out;
+	struct ibv_send_wr plain = { .wr_id = 32, .num_sge = 0, .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED,
+				     .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf, .rkey = p.b.mr->rkey } };
+	struct ibv_send_wr imm = plain;
+
+	imm.wr_id = 33;
+	imm.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+	imm.imm_data = htobe32(0x5eed);
+	if (post_send(&p.a, &plain) || expect_wc(p.a.scq, 32, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, -1, NULL) ||
+	    poll_none(p.b.rcq, 100))
+		goto out;
+	if (post_send(&p.a, &imm) || expect_wc(p.a.scq, 33, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, -1, NULL) ||
+	    expect_wc(p.b.rcq, 31, IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM, 0, &wc))
+		goto out;
+	if (!(wc.wc_flags & IBV_WC_WITH_IMM) || be32toh(wc.imm_data) != 0x5eed) {
+		fail("immediate: flags 0x%x data 0x%x", wc.wc_flags, be32toh(wc.imm_data));
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
 /* An RDMA WRITE with a deregistered rkey fails remotely; the QP goes to ERR and flushes. */
 static int stale_rkey(void)
 {
@@ -856,6 +998,9 @@ static const struct scenario scenarios[] = {
 	{ "atomicFetchAndAdd", atomic_fetch_add },
 	{ "multiSgeSendRecv", multi_sge },
 	{ "inlineSend", inline_send },
+	{ "queryQpAttributes", query_qp_attributes },
+	{ "sendQueueFull", send_queue_full },
+	{ "zeroLengthWriteWithImm", zero_length_write_with_imm },
 	{ "staleRkey", stale_rkey },
 	{ "badLkey", bad_lkey },
 	{ "signalingRules", signaling_rules },
