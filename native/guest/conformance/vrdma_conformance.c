@@ -954,6 +954,142 @@ out:
 	return ret;
 }
 
+/*
+ * A CQ armed for solicited completions only stays quiet for a plain SEND
+ * (its completion is still there to poll) and wakes for a solicited one.
+ */
+static int cq_solicited_only(void)
+{
+	struct ibv_comp_channel *ch = ibv_create_comp_channel(ctx);
+	struct pair p;
+	struct ibv_cq *ev_cq;
+	struct pollfd pfd;
+	void *ev_ctx;
+	int ret = -1;
+
+	CHECK(ch, "ibv_create_comp_channel: %s", strerror(errno));
+	if (pair_open_ch(&p, IBV_QPT_RC, 7, ch))
+		goto out;
+	if (ibv_req_notify_cq(p.b.rcq, 1)) {
+		fail("ibv_req_notify_cq(solicited_only): %s", strerror(errno));
+		goto out;
+	}
+	if (post_recv(&p.b, 70, 0, 64) || post_recv(&p.b, 71, 64, 64))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 72, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 72, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 70, IBV_WC_SUCCESS, IBV_WC_RECV, 8, NULL))
+		goto out;
+	pfd = (struct pollfd){ .fd = ch->fd, .events = POLLIN };
+	if (poll(&pfd, 1, 200) != 0) {
+		fail("an event for an unsolicited SEND on a CQ armed for solicited ones");
+		goto out;
+	}
+	wr.wr_id = 73;
+	wr.send_flags |= IBV_SEND_SOLICITED;
+	if (post_send(&p.a, &wr))
+		goto out;
+	if (poll(&pfd, 1, POLL_TIMEOUT_MS) != 1) {
+		fail("no event for a solicited SEND within %d ms", POLL_TIMEOUT_MS);
+		goto out;
+	}
+	if (ibv_get_cq_event(ch, &ev_cq, &ev_ctx) || ev_cq != p.b.rcq) {
+		fail("ibv_get_cq_event: wrong CQ or %s", strerror(errno));
+		goto out;
+	}
+	ibv_ack_cq_events(ev_cq, 1);
+	struct ibv_wc wc;
+
+	if (expect_wc(p.b.rcq, 71, IBV_WC_SUCCESS, IBV_WC_RECV, 8, &wc) || expect_wc(p.a.scq, 73, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	ibv_destroy_comp_channel(ch);
+	return ret;
+}
+
+/* An atomic at a remote address that is not 8-byte aligned is an invalid request: an error completion, memory untouched. */
+static int atomic_misaligned(void)
+{
+	struct pair p;
+	struct ibv_wc wc;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	memset(p.b.buf, 0x11, 16);
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 80, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_ATOMIC_FETCH_AND_ADD,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.atomic = { .remote_addr = (uintptr_t)p.b.buf + 4, .rkey = p.b.mr->rkey, .compare_add = 1 } };
+
+	struct ibv_send_wr *bad;
+	int err = ibv_post_send(p.a.qp, &wr, &bad);
+
+	/* refused at once (rxe: EINVAL), or an error completion (the responder's NAK, or the requester's own check) */
+	if (err == EINVAL) {
+		ret = 0;
+		goto out;
+	}
+	if (err) {
+		fail("ibv_post_send: %s", strerror(err));
+		goto out;
+	}
+	if (poll_one(p.a.scq, &wc))
+		goto out;
+	if (wc.wr_id != 80 || (wc.status != IBV_WC_REM_INV_REQ_ERR && wc.status != IBV_WC_LOC_QP_OP_ERR)) {
+		fail("misaligned atomic: wr %" PRIu64 " status %s (expected an invalid-request error)", wc.wr_id,
+		     ibv_wc_status_str(wc.status));
+		goto out;
+	}
+	ret = 0;
+out:
+	if (ret == 0)
+		for (int i = 0; i < 16; i++)
+			if (p.b.buf && p.b.buf[i] != 0x11) {
+				ret = fail("responder memory changed at byte %d", i);
+				break;
+			}
+	pair_close(&p);
+	return ret;
+}
+
+/* Sends are refused before RTS (a QP in INIT or RTR has no send queue yet); receives are taken from INIT on. */
+static int post_before_rts(void)
+{
+	struct pair p = { 0 };
+	struct ibv_send_wr *bad;
+	int ret = -1, err;
+
+	p.type = IBV_QPT_RC;
+	p.pd = ibv_alloc_pd(ctx);
+	CHECK(p.pd, "ibv_alloc_pd: %s", strerror(errno));
+	if (side_open(&p, &p.a, ALL_ACCESS, 0x1234, NULL))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 90, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+	struct ibv_qp_attr a = { .qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = 1, .qp_access_flags = ALL_ACCESS };
+
+	if (ibv_modify_qp(p.a.qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS)) {
+		fail("modify to INIT: %s", strerror(errno));
+		goto out;
+	}
+	err = ibv_post_send(p.a.qp, &wr, &bad);
+	if (err == 0) {
+		fail("ibv_post_send accepted a WR on a QP in INIT");
+		goto out;
+	}
+	if (post_recv(&p.a, 91, 0, 64))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
 /* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
 #define LIMIT_PROBE 1024
 static int limit_pd(void)
@@ -1010,6 +1146,9 @@ static const struct scenario scenarios[] = {
 	{ "modifyQpRules", modify_qp_rules },
 	{ "destroyPdInUse", destroy_pd_in_use },
 	{ "cqArmingAndInterrupts", cq_arming },
+	{ "cqSolicitedOnly", cq_solicited_only },
+	{ "atomicMisaligned", atomic_misaligned },
+	{ "postBeforeRts", post_before_rts },
 	{ "limitPd", limit_pd },
 };
 

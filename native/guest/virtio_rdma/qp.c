@@ -225,6 +225,7 @@ int vrdma_create_qp(struct ib_qp *ibqp, struct ib_qp_init_attr *init,
 	}
 	qp->user = !!udata;
 	qp->sq_sig_all = req.sq_sig_all;
+	qp->state = IB_QPS_RESET;
 	qp->max_send_sge = got.max_send_sge;
 	qp->max_recv_sge = got.max_recv_sge;
 	qp->max_inline_data = got.max_inline_data;
@@ -333,6 +334,8 @@ int vrdma_modify_qp(struct ib_qp *ibqp, struct ib_qp_attr *attr, int mask,
 	err = vrdma_exec(dev, VRDMA_CMD_MODIFY_QP, &req, sizeof(req), NULL, 0);
 	if (err)
 		return err;
+	if (mask & IB_QP_STATE)
+		WRITE_ONCE(qp->state, attr->qp_state);
 	/* RESET drops outstanding WQEs: the device has returned their chains */
 	if ((mask & IB_QP_STATE) && attr->qp_state == IB_QPS_RESET)
 		vrdma_qp_reclaim_all(dev, qp);
@@ -521,7 +524,13 @@ int vrdma_post_send(struct ib_qp *ibqp, const struct ib_send_wr *wr,
 	void *scratch = NULL;
 	ssize_t len;
 	int idx, err = 0;
+	u8 state = READ_ONCE(qp->state);
 
+	/* no send queue before RTS: an immediate error, as the verbs say */
+	if (state == IB_QPS_RESET || state == IB_QPS_INIT || state == IB_QPS_RTR) {
+		*bad_wr = wr;
+		return -EINVAL;
+	}
 	if (qp->user) {
 		scratch = kmalloc(wq->buf_size, GFP_KERNEL);
 		if (!scratch) {
@@ -573,6 +582,11 @@ int vrdma_post_recv(struct ib_qp *ibqp, const struct ib_recv_wr *wr,
 	unsigned long flags;
 	int idx, i, err = 0;
 
+	/* receives are taken from INIT on */
+	if (READ_ONCE(qp->state) == IB_QPS_RESET) {
+		*bad_wr = wr;
+		return -EINVAL;
+	}
 	spin_lock_irqsave(&wq->lock, flags);
 	for (; wr; wr = wr->next) {
 		if (wr->num_sge < 0 || wr->num_sge > qp->max_recv_sge) {

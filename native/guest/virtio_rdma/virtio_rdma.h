@@ -106,6 +106,12 @@ struct vrdma_qp {
 	u8 type;			/* VRDMA_QPT_* */
 	bool user;
 	bool sq_sig_all;
+	/*
+	 * The state the last MODIFY_QP set (the device may since have moved
+	 * the QP to ERR, where posting is allowed too): posts are refused
+	 * in the states where the verbs say so, before the device sees them.
+	 */
+	u8 state;			/* enum ib_qp_state */
 	u32 max_send_sge;
 	u32 max_recv_sge;
 	u32 max_inline_data;
