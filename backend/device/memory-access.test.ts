@@ -106,10 +106,10 @@ describe('local access (gather, scatter)', () => {
     expect(access.gather(1, [sge(m, 2 * PAGE - 16, 16)], buf, 0)).toBe(WcStatus.SUCCESS);
   });
 
-  it('scatter needs LOCAL_WRITE (LOC_ACCESS_ERR); gather does not', () => {
+  it('scatter needs LOCAL_WRITE (LOC_PROT_ERR); gather does not', () => {
     const ro = makeMr(PAGE, Access.REMOTE_READ);
     const buf = pattern(64);
-    expect(access.scatter(1, [sge(ro, 0, 64)], buf, 0, 64)).toBe(WcStatus.LOC_ACCESS_ERR);
+    expect(access.scatter(1, [sge(ro, 0, 64)], buf, 0, 64)).toBe(WcStatus.LOC_PROT_ERR);
     expect(access.gather(1, [sge(ro, 0, 64)], new Uint8Array(64), 0)).toBe(WcStatus.SUCCESS);
   });
 

@@ -141,7 +141,8 @@ export class GuestMemoryAccess implements MemoryAccess {
     const mr = this.mrs.byKey(lkey);
     if (mr === undefined || mr.pdn !== pdn) return WcStatus.LOC_PROT_ERR;
     if (!this.inRange(mr, addr, len)) return WcStatus.LOC_PROT_ERR;
-    if (write && !(mr.access & Access.LOCAL_WRITE)) return WcStatus.LOC_ACCESS_ERR;
+    // No LOCAL_WRITE where data lands: the MR is not valid for the operation (LOC_PROT_ERR, as rxe reports it too).
+    if (write && !(mr.access & Access.LOCAL_WRITE)) return WcStatus.LOC_PROT_ERR;
     return mr;
   }
 

@@ -118,9 +118,11 @@ export type AtomicOp = 'cmp_swap' | 'fetch_add';
 /**
  * Guest memory as RDMA sees it. Every method checks key, PD, bounds and
  * access before touching a byte, and returns a completion status:
- * SUCCESS, or the error the verbs spec assigns (LOC_PROT_ERR for a bad
- * local key or range, LOC_ACCESS_ERR for missing local write,
- * REM_ACCESS_ERR for any remote key/range/right failure).
+ * SUCCESS, or the error the verbs spec assigns (LOC_PROT_ERR when a local
+ * SGE does not name an MR valid for the operation: bad key, range, or no
+ * LOCAL_WRITE where data lands; REM_ACCESS_ERR for any remote
+ * key/range/right failure). LOC_ACCESS_ERR is not one of them: the verbs
+ * keep it for an inbound RDMA WRITE with immediate.
  */
 export interface MemoryAccess {
   /** Copies `len` bytes gathered from local SGEs into `dst` (local read). */

@@ -579,7 +579,7 @@ describe('QP state and protocol order (CVE-2022-1050 class)', () => {
 
 // =============================================================================
 
-describe('local keys and ranges (found when the WR executes: LOC_PROT_ERR, LOC_ACCESS_ERR)', () => {
+describe('local keys, ranges and rights (found when the WR executes: LOC_PROT_ERR)', () => {
   it('lkeys that are dead, of another PD, out of range, with a wrong key byte, or stale after re-registration are LOC_PROT_ERR and the peer sees nothing', async () => {
     const dead = await rig.regMr(w.v.pdn, 4096);
     await rig.ok(Cmd.DEREG_MR, handleBody(dead.mrn));
@@ -647,12 +647,12 @@ describe('local keys and ranges (found when the WR executes: LOC_PROT_ERR, LOC_A
     await recover();
   });
 
-  it('receive buffers with a bad lkey (LOC_PROT_ERR) or without LOCAL_WRITE (LOC_ACCESS_ERR) fail the receiver, the sender sees an error, nothing is written', async () => {
+  it('receive buffers with a bad lkey (LOC_PROT_ERR) or without LOCAL_WRITE (LOC_PROT_ERR) fail the receiver, the sender sees an error, nothing is written', async () => {
     const readOnly = await rig.regMr(w.v.pdn, 4096, Access.REMOTE_READ);
     const dead = await rig.regMr(w.v.pdn, 4096);
     await rig.ok(Cmd.DEREG_MR, handleBody(dead.mrn));
     const cases: [string, SgeSpec, WcStatus][] = [
-      ['no LOCAL_WRITE', sge(readOnly, 0, 256), WcStatus.LOC_ACCESS_ERR],
+      ['no LOCAL_WRITE', sge(readOnly, 0, 256), WcStatus.LOC_PROT_ERR],
       ['dead lkey', { addr: dead.iova, length: 256, lkey: dead.lkey }, WcStatus.LOC_PROT_ERR],
       ['another PD', sge(w.h.mrB, 0, 256), WcStatus.LOC_PROT_ERR],
       ['crossing the MR end where the data reaches', { addr: w.v.mrB.iova + BigInt(w.v.mrB.length) - 50n, length: 256, lkey: w.v.mrB.lkey }, WcStatus.LOC_PROT_ERR],
@@ -677,13 +677,13 @@ describe('local keys and ranges (found when the WR executes: LOC_PROT_ERR, LOC_A
     }
   });
 
-  it('RDMA READ and atomic results into a local buffer without LOCAL_WRITE are LOC_ACCESS_ERR', async () => {
+  it('RDMA READ and atomic results into a local buffer without LOCAL_WRITE are LOC_PROT_ERR', async () => {
     const readOnly = await rig.regMr(w.v.pdn, 4096, 0);
     for (const opcode of [SendOp.RDMA_READ, SendOp.ATOMIC_FETCH_AND_ADD]) {
       const g = guard(readOnly.gpa, 4096, 9);
       await attack({
         wqe: sendWqe({ wr_id: BAD, opcode, send_flags: SendFlag.SIGNALED, rkey: w.v.mrB.rkey, remote_addr: w.v.mrB.iova, compare_add: 1n }, [sge(readOnly, 0, 8)]),
-        status: WcStatus.LOC_ACCESS_ERR,
+        status: WcStatus.LOC_PROT_ERR,
       });
       expect(g()).toBeNull();
       await recover();

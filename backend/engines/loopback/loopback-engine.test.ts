@@ -429,7 +429,7 @@ describe('RC', () => {
     expect(r.host.sends[0]).toMatchObject({ status: WcStatus.REM_INV_REQ_ERR });
   });
 
-  it('local errors fail only the sender: bad lkey is LOC_PROT_ERR, a READ into memory without LOCAL_WRITE is LOC_ACCESS_ERR', async () => {
+  it('local errors fail only the sender: bad lkey is LOC_PROT_ERR, a READ into memory without LOCAL_WRITE is LOC_PROT_ERR', async () => {
     const [a, b] = pair();
     const buf = mr(PAGE, LOCAL);
     const ro = mr(PAGE, Access.REMOTE_READ);
@@ -444,21 +444,21 @@ describe('RC', () => {
     const [c] = pair();
     postSend(c, { opcode: SendOp.RDMA_READ, sges: [ro.sge(0, 8)], remoteAddr: rw.iova, rkey: rw.mr.rkey });
     await settle();
-    expect(r.host.sendsOf(c)[0]).toMatchObject({ status: WcStatus.LOC_ACCESS_ERR, opcode: WcOpcode.RDMA_READ });
+    expect(r.host.sendsOf(c)[0]).toMatchObject({ status: WcStatus.LOC_PROT_ERR, opcode: WcOpcode.RDMA_READ });
     expect(r.host.failed.map((f) => f.qpn)).toEqual([a, c]);
     // b's receive is still posted and untouched; RESET drops it without a completion.
     r.engine.modifyQp(b, attrs({ state: QpState.RESET }), 1);
     r.host.outstandingRecvs.delete(`${b}/${rt}`);
   });
 
-  it('a receive SGE without LOCAL_WRITE gives the receiver LOC_ACCESS_ERR and the sender REM_OP_ERR', async () => {
+  it('a receive SGE without LOCAL_WRITE gives the receiver LOC_PROT_ERR and the sender REM_OP_ERR', async () => {
     const [a, b] = pair();
     const ro = mr(PAGE, Access.REMOTE_READ);
     const src = mr(PAGE, LOCAL);
     postRecv(b, [ro.sge(0, 100)]);
     postSend(a, { sges: [src.sge(0, 10)] });
     await settle();
-    expect(r.host.recvs[0]).toMatchObject({ status: WcStatus.LOC_ACCESS_ERR });
+    expect(r.host.recvs[0]).toMatchObject({ status: WcStatus.LOC_PROT_ERR });
     expect(r.host.sends[0]).toMatchObject({ status: WcStatus.REM_OP_ERR });
     expect(r.host.failed.map((f) => f.qpn).sort()).toEqual([a, b].sort());
   });

@@ -126,7 +126,10 @@ export class Responder {
           qp.rq.shift();
           qp.inMsg = null;
           core.host().recvDone(qp.qpn, msg.entry!.token, recvCompletion(s, WcOpcode.RECV, 0, 0, 0, qp.attrs.destQpn));
-          return this.invalid(qp, `SEND does not fit the receive WQE (${WcStatus[s]})`);
+          // Too long for the buffer is the request's fault (invalid request); a buffer the
+          // receiver cannot write is its own (remote operational error), as the verbs say.
+          if (s === WcStatus.LOC_LEN_ERR) return this.invalid(qp, 'SEND longer than the receive WQE');
+          return this.nakOperational(qp, `the receive WQE refused the SEND (${WcStatus[s]})`);
         }
       }
     } else if (n > 0) {
@@ -397,6 +400,11 @@ export class Responder {
 
   private invalid(qp: RoceQp, why: string): void {
     this.core.out.ack(qp, qp.rqPsn, Syndrome.NAK_INVALID_REQUEST);
+    this.core.failQp(qp, `responder: ${why}`);
+  }
+
+  private nakOperational(qp: RoceQp, why: string): void {
+    this.core.out.ack(qp, qp.rqPsn, Syndrome.NAK_REMOTE_OPERATIONAL_ERROR);
     this.core.failQp(qp, `responder: ${why}`);
   }
 

@@ -313,6 +313,26 @@ describe('SoftRoceEngine RC over UDP', () => {
     }
   });
 
+  it('a receive the SEND does not fit: LOC_LEN_ERR and REM_INV_REQ_ERR; one the receiver cannot write: LOC_PROT_ERR and REM_OP_ERR', async () => {
+    const cases: [string, number, WcStatus, WcStatus][] = [
+      ['too small', ALL, WcStatus.LOC_LEN_ERR, WcStatus.REM_INV_REQ_ERR],
+      ['no LOCAL_WRITE', 0, WcStatus.LOC_PROT_ERR, WcStatus.REM_OP_ERR],
+    ];
+    for (const [what, access, receiver, sender] of cases) {
+      a.host.sends.length = 0;
+      b.host.recvs.length = 0;
+      const [qa, qb] = connect();
+      const src = mr(a, 64);
+      const dst = mr(b, 64, access);
+      postRecv(b, qb, [dst.sge(0, what === 'too small' ? 16 : 64)]);
+      postSend(a, qa, { sges: [src.sge(0, 64)] });
+      await until(() => a.host.sends.length === 1 && b.host.recvs.length === 1);
+      expect(b.host.recvs[0]!.status, what).toBe(receiver);
+      expect(a.host.sends[0]!.status, what).toBe(sender);
+      expect(dst.read(0, 64), what).toEqual(new Uint8Array(64));
+    }
+  });
+
   it('a corrupted packet is dropped and counted; retransmission delivers the message', async () => {
     const [qa, qb] = connect();
     const src = mr(a, 3000);

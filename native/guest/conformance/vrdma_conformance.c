@@ -8,10 +8,11 @@
  *   vrdma_conformance -d DEVICE [-g GID_INDEX] [-s SCENARIO] [-r] [-v]
  *
  * -r accepts what Linux rxe (6.1) reports where the verbs specification
- * names another: LOC_QP_OP_ERR for a bad lkey and for a SEND larger than
- * the receive buffer (spec: LOC_PROT_ERR, LOC_LEN_ERR); and a queried hop
- * limit of 64 where 1 was set (the kernel's RoCE address resolution puts
- * the route's hop limit in).
+ * names another: LOC_QP_OP_ERR for a bad lkey, for a SEND larger than the
+ * receive buffer and for a receive buffer without LOCAL_WRITE (spec:
+ * LOC_PROT_ERR, LOC_LEN_ERR, LOC_PROT_ERR); and a queried hop limit of 64
+ * where 1 was set (the kernel's RoCE address resolution puts the route's
+ * hop limit in).
  *
  * Every scenario opens its own PD, CQs and QPs; data-path scenarios
  * connect two QPs of the same device (the engine loops the traffic back).
@@ -1090,6 +1091,91 @@ out:
 	return ret;
 }
 
+/*
+ * Local write access is checked where data lands: an RDMA READ whose
+ * local buffer's MR lacks LOCAL_WRITE fails on the requester; a SEND into
+ * a receive buffer whose MR lacks it fails the receive, and the sender
+ * hears of it. Neither buffer changes.
+ */
+static int local_write_access(void)
+{
+	struct pair p;
+	struct ibv_mr *ro_a = NULL, *ro_b = NULL;
+	struct ibv_wc wc;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	memset(p.a.buf + 4096, 0x22, 64);
+	memset(p.b.buf + 4096, 0x33, 64);
+	ro_a = ibv_reg_mr(p.pd, p.a.buf + 4096, 4096, 0);
+	ro_b = ibv_reg_mr(p.pd, p.b.buf + 4096, 4096, 0);
+	if (!ro_a || !ro_b) {
+		fail("ibv_reg_mr (local read only): %s", strerror(errno));
+		goto out;
+	}
+	struct ibv_sge rsge = { .addr = (uintptr_t)p.a.buf + 4096, .length = 64, .lkey = ro_a->lkey };
+	struct ibv_send_wr rd = { .wr_id = 100, .sg_list = &rsge, .num_sge = 1, .opcode = IBV_WR_RDMA_READ,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf, .rkey = p.b.mr->rkey } };
+
+	if (post_send(&p.a, &rd) || poll_one(p.a.scq, &wc))
+		goto out;
+	if (wc.wr_id != 100 || wc.status != IBV_WC_LOC_PROT_ERR) {
+		fail("READ into a buffer without LOCAL_WRITE: wr %" PRIu64 " %s (expected a local protection error)",
+		     wc.wr_id, ibv_wc_status_str(wc.status));
+		goto out;
+	}
+	for (int i = 0; i < 64; i++)
+		if (p.a.buf[4096 + i] != 0x22) {
+			fail("the read-only READ buffer changed at byte %d", i);
+			goto out;
+		}
+	ibv_dereg_mr(ro_a);
+	ibv_dereg_mr(ro_b);
+	ro_a = ro_b = NULL;
+	pair_close(&p);
+
+	/* a fresh pair: the READ's error moved the first one to ERR */
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	memset(p.b.buf + 4096, 0x33, 64);
+	ro_b = ibv_reg_mr(p.pd, p.b.buf + 4096, 4096, 0);
+	CHECK(ro_b, "ibv_reg_mr (local read only): %s", strerror(errno));
+	struct ibv_sge rcv = { .addr = (uintptr_t)p.b.buf + 4096, .length = 64, .lkey = ro_b->lkey };
+	struct ibv_recv_wr rwr = { .wr_id = 101, .sg_list = &rcv, .num_sge = 1 }, *rbad;
+
+	CHECK(!ibv_post_recv(p.b.qp, &rwr, &rbad), "ibv_post_recv: %s", strerror(errno));
+	struct ibv_sge ssge = { .addr = (uintptr_t)p.a.buf, .length = 64, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr snd = { .wr_id = 102, .sg_list = &ssge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+	struct ibv_wc rw;
+
+	if (post_send(&p.a, &snd) || poll_one(p.a.scq, &wc) || poll_one(p.b.rcq, &rw))
+		goto out;
+	/* the receiver's own fault (rxe says LOC_QP_OP_ERR for it), which the sender hears as remote operational */
+	enum ibv_wc_status receiver = rxe_tolerances ? IBV_WC_LOC_QP_OP_ERR : IBV_WC_LOC_PROT_ERR;
+
+	if (wc.wr_id != 102 || wc.status != IBV_WC_REM_OP_ERR || rw.wr_id != 101 || rw.status != receiver) {
+		fail("SEND into a receive buffer without LOCAL_WRITE: sender %s, receiver %s (expected %s, %s)",
+		     ibv_wc_status_str(wc.status), ibv_wc_status_str(rw.status), ibv_wc_status_str(IBV_WC_REM_OP_ERR),
+		     ibv_wc_status_str(receiver));
+		goto out;
+	}
+	for (int i = 0; i < 64; i++)
+		if (p.b.buf[4096 + i] != 0x33) {
+			fail("the read-only receive buffer changed at byte %d", i);
+			goto out;
+		}
+	ret = 0;
+out:
+	if (ro_a)
+		ibv_dereg_mr(ro_a);
+	if (ro_b)
+		ibv_dereg_mr(ro_b);
+	pair_close(&p);
+	return ret;
+}
+
 /* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
 #define LIMIT_PROBE 1024
 static int limit_pd(void)
@@ -1149,6 +1235,7 @@ static const struct scenario scenarios[] = {
 	{ "cqSolicitedOnly", cq_solicited_only },
 	{ "atomicMisaligned", atomic_misaligned },
 	{ "postBeforeRts", post_before_rts },
+	{ "localWriteAccess", local_write_access },
 	{ "limitPd", limit_pd },
 };
 
