@@ -12,7 +12,8 @@
  * receive buffer and for a receive buffer without LOCAL_WRITE (spec:
  * LOC_PROT_ERR, LOC_LEN_ERR, LOC_PROT_ERR); and a queried hop limit of 64
  * where 1 was set (the kernel's RoCE address resolution puts the route's
- * hop limit in).
+ * hop limit in); a UD SEND longer than the port's active MTU that goes out
+ * (rxe sends UD messages up to its netdev's MTU; spec: LOC_LEN_ERR).
  *
  * Every scenario opens its own PD, CQs and QPs; data-path scenarios
  * connect two QPs of the same device (the engine loops the traffic back).
@@ -1176,6 +1177,92 @@ out:
 	return ret;
 }
 
+/* A UD message longer than the port's MTU cannot go out: refused at post, or a LOC_LEN_ERR completion. */
+static int ud_message_too_long(void)
+{
+	struct pair p;
+	struct ibv_ah *ah = NULL;
+	struct ibv_send_wr *bad;
+	struct ibv_wc wc;
+	uint32_t mtu = 128u << port_attr.active_mtu;
+	int ret = -1, err;
+
+	if (pair_open(&p, IBV_QPT_UD, 7) || post_recv(&p.b, 110, 0, 40 + mtu + 64))
+		goto out;
+	struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
+				  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
+	ah = ibv_create_ah(p.pd, &aa);
+	CHECK(ah, "ibv_create_ah: %s", strerror(errno));
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = mtu + 1, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 111, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	wr.wr.ud.ah = ah;
+	wr.wr.ud.remote_qpn = p.b.qp->qp_num;
+	wr.wr.ud.remote_qkey = QKEY;
+	err = ibv_post_send(p.a.qp, &wr, &bad);
+	if (err == 0) {
+		if (poll_one(p.a.scq, &wc))
+			goto out;
+		if (rxe_tolerances && wc.wr_id == 111 && wc.status == IBV_WC_SUCCESS) {
+			/* rxe sends UD messages up to its netdev's MTU, past the port's active MTU */
+			ret = 0;
+			goto out;
+		}
+		if (wc.wr_id != 111 || wc.status != IBV_WC_LOC_LEN_ERR) {
+			fail("UD SEND of MTU + 1 = %u bytes: %s (expected a local length error)", mtu + 1, ibv_wc_status_str(wc.status));
+			goto out;
+		}
+	} else if (err != EINVAL) {
+		fail("UD SEND of MTU + 1 bytes refused with %s (expected EINVAL)", strerror(err));
+		goto out;
+	}
+	if (poll_none(p.b.rcq, 100))
+		goto out;
+	ret = 0;
+out:
+	if (ah)
+		ibv_destroy_ah(ah);
+	pair_close(&p);
+	return ret;
+}
+
+/*
+ * A chain with a bad WR in the middle: the WRs before it are posted and
+ * complete, the call fails naming it, and nothing after it runs.
+ */
+static int bad_wr_in_chain(void)
+{
+	struct pair p;
+	struct ibv_send_wr *bad = NULL;
+	struct ibv_sge sges[64];
+	int ret = -1, err;
+
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 120, 0, 64) || post_recv(&p.b, 121, 64, 64))
+		goto out;
+	for (int i = 0; i < 64; i++)
+		sges[i] = (struct ibv_sge){ .addr = (uintptr_t)p.a.buf, .length = 1, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr w3 = { .wr_id = 124, .sg_list = sges, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+	struct ibv_send_wr w2 = { .wr_id = 123, .sg_list = sges, .num_sge = 64, .opcode = IBV_WR_SEND,
+				  .send_flags = IBV_SEND_SIGNALED, .next = &w3 };
+	struct ibv_send_wr w1 = { .wr_id = 122, .sg_list = sges, .num_sge = 1, .opcode = IBV_WR_SEND,
+				  .send_flags = IBV_SEND_SIGNALED, .next = &w2 };
+
+	err = ibv_post_send(p.a.qp, &w1, &bad);
+	if (err == 0 || bad != &w2) {
+		fail("a WR with 64 SGEs (max_send_sge %d) in the middle: %s, bad_wr %s", dev_attr.orig_attr.max_sge,
+		     err ? strerror(err) : "accepted", bad == &w2 ? "names it" : "does not name it");
+		goto out;
+	}
+	if (expect_wc(p.a.scq, 122, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 120, IBV_WC_SUCCESS, IBV_WC_RECV, 1, NULL) || poll_none(p.a.scq, 100) ||
+	    poll_none(p.b.rcq, 1))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
 /* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
 #define LIMIT_PROBE 1024
 static int limit_pd(void)
@@ -1236,6 +1323,8 @@ static const struct scenario scenarios[] = {
 	{ "atomicMisaligned", atomic_misaligned },
 	{ "postBeforeRts", post_before_rts },
 	{ "localWriteAccess", local_write_access },
+	{ "udMessageTooLong", ud_message_too_long },
+	{ "badWrInChain", bad_wr_in_chain },
 	{ "limitPd", limit_pd },
 };
 
