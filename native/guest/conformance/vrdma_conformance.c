@@ -13,7 +13,9 @@
  * LOC_PROT_ERR, LOC_LEN_ERR, LOC_PROT_ERR); and a queried hop limit of 64
  * where 1 was set (the kernel's RoCE address resolution puts the route's
  * hop limit in); a UD SEND longer than the port's active MTU that goes out
- * (rxe sends UD messages up to its netdev's MTU; spec: LOC_LEN_ERR).
+ * (rxe sends UD messages up to its netdev's MTU; spec: LOC_LEN_ERR); and
+ * REM_INV_REQ_ERR for a WRITE to a QP without REMOTE_WRITE (spec: a
+ * remote access error).
  *
  * Every scenario opens its own PD, CQs and QPs; data-path scenarios
  * connect two QPs of the same device (the engine loops the traffic back).
@@ -1263,6 +1265,103 @@ out:
 	return ret;
 }
 
+/*
+ * A QP comes back from ERR through RESET: both ends are reset and
+ * connected again with new PSNs, and a SEND crosses as on a new QP.
+ */
+static int qp_reuse_after_reset(void)
+{
+	struct pair p;
+	struct ibv_qp_attr a = { .qp_state = IBV_QPS_ERR };
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7) || post_recv(&p.b, 130, 0, 64))
+		goto out;
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 32, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 131, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 131, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 130, IBV_WC_SUCCESS, IBV_WC_RECV, 32, NULL))
+		goto out;
+	/* both to ERR (a receive left behind is flushed), then RESET */
+	if (post_recv(&p.b, 132, 0, 64))
+		goto out;
+	CHECK(!ibv_modify_qp(p.a.qp, &a, IBV_QP_STATE) && !ibv_modify_qp(p.b.qp, &a, IBV_QP_STATE), "modify to ERR: %s", strerror(errno));
+	if (expect_wc(p.b.rcq, 132, IBV_WC_WR_FLUSH_ERR, -1, -1, NULL))
+		goto out;
+	a.qp_state = IBV_QPS_RESET;
+	CHECK(!ibv_modify_qp(p.a.qp, &a, IBV_QP_STATE) && !ibv_modify_qp(p.b.qp, &a, IBV_QP_STATE), "modify to RESET: %s", strerror(errno));
+	p.a.psn = 0x777;
+	p.b.psn = 0xabcdef;
+	if (connect_qp(&p, &p.a, &p.b, ALL_ACCESS, 7) || connect_qp(&p, &p.b, &p.a, ALL_ACCESS, 7))
+		goto out;
+	fill(p.a.buf, 4000, 9);
+	sge.length = 4000;
+	wr.wr_id = 134;
+	if (post_recv(&p.b, 133, 0, 4096) || post_send(&p.a, &wr) ||
+	    expect_wc(p.a.scq, 134, IBV_WC_SUCCESS, IBV_WC_SEND, -1, NULL) ||
+	    expect_wc(p.b.rcq, 133, IBV_WC_SUCCESS, IBV_WC_RECV, 4000, NULL))
+		goto out;
+	if (memcmp(p.a.buf, p.b.buf, 4000)) {
+		fail("bytes differ after the QPs were reused");
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* RTS -> RTS takes the attributes the verbs allow there (access flags, min RNR timer) and refuses others (path MTU). */
+static int modify_rts_to_rts(void)
+{
+	struct pair p;
+	struct ibv_qp_attr a;
+	struct ibv_qp_init_attr qi;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	memset(&a, 0, sizeof(a));
+	a.qp_state = IBV_QPS_RTS;
+	a.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ;
+	a.min_rnr_timer = 12;
+	if (ibv_modify_qp(p.b.qp, &a, IBV_QP_STATE | IBV_QP_ACCESS_FLAGS | IBV_QP_MIN_RNR_TIMER)) {
+		fail("RTS -> RTS with access flags and min RNR timer: %s", strerror(errno));
+		goto out;
+	}
+	memset(&a, 0, sizeof(a));
+	if (ibv_query_qp(p.b.qp, &a, IBV_QP_STATE | IBV_QP_ACCESS_FLAGS | IBV_QP_MIN_RNR_TIMER, &qi) ||
+	    a.qp_state != IBV_QPS_RTS || a.qp_access_flags != (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ) ||
+	    a.min_rnr_timer != 12) {
+		fail("after RTS -> RTS: state %d access 0x%x min_rnr_timer %d", a.qp_state, a.qp_access_flags, a.min_rnr_timer);
+		goto out;
+	}
+	memset(&a, 0, sizeof(a));
+	a.qp_state = IBV_QPS_RTS;
+	a.path_mtu = IBV_MTU_512;
+	if (!ibv_modify_qp(p.b.qp, &a, IBV_QP_STATE | IBV_QP_PATH_MTU)) {
+		fail("RTS -> RTS changing the path MTU was accepted");
+		goto out;
+	}
+	/* the new access flags rule: a WRITE into b is now refused */
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 140, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED,
+				  .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf, .rkey = p.b.mr->rkey } };
+	struct ibv_wc wc;
+
+	if (post_send(&p.a, &wr) || poll_one(p.a.scq, &wc))
+		goto out;
+	if (wc.status != IBV_WC_REM_ACCESS_ERR && !(rxe_tolerances && wc.status == IBV_WC_REM_INV_REQ_ERR)) {
+		fail("WRITE after REMOTE_WRITE was taken away: %s (expected a remote access error)", ibv_wc_status_str(wc.status));
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
 /* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
 #define LIMIT_PROBE 1024
 static int limit_pd(void)
@@ -1325,6 +1424,8 @@ static const struct scenario scenarios[] = {
 	{ "localWriteAccess", local_write_access },
 	{ "udMessageTooLong", ud_message_too_long },
 	{ "badWrInChain", bad_wr_in_chain },
+	{ "qpReuseAfterReset", qp_reuse_after_reset },
+	{ "modifyRtsToRts", modify_rts_to_rts },
 	{ "limitPd", limit_pd },
 };
 
