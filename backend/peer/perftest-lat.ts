@@ -75,6 +75,63 @@ export interface PingPongRun {
   timeoutMs: number;
 }
 
+export interface WritePingPongRun {
+  isClient: boolean;
+  qpn: number;
+  iters: number;
+  /** The message this side writes; its last byte carries the iteration count. */
+  send: { sge: Sge; lastByte: Uint8Array; at: number };
+  /** Where the peer's messages land; this side watches their last byte. */
+  landing: { bytes: Uint8Array; at: number };
+  remoteAddr: bigint;
+  rkey: number;
+  /** Wait for the first message (the client's: the server's whole start-up). */
+  firstTimeoutMs: number;
+  timeoutMs: number;
+}
+
+/**
+ * ib_write_lat's ping-pong, as its loop runs: each side RDMA WRITEs the
+ * message with the count in its last byte, and waits (polling memory) for
+ * the peer's write carrying the next count before writing again. The
+ * server writes first. Returns the post time (ms) of each write.
+ */
+export async function runWritePingPong(device: PeerSession['device'], run: WritePingPongRun): Promise<Float64Array> {
+  const { qpn, iters } = run;
+  const times = new Float64Array(iters);
+  const sges = [run.send.sge];
+  let scnt = 0;
+  let ccnt = 0;
+  let rcnt = 0;
+  const landed = async (count: number, timeoutMs: number): Promise<void> => {
+    const want = count & 0xff;
+    const deadline = performance.now() + timeoutMs;
+    // Memory polling, like the stock tool; a turn of the event loop between looks lets the engine receive.
+    while (run.landing.bytes[run.landing.at] !== want) {
+      if (performance.now() > deadline) throw new PeerError(`write ${count} of ${iters} (write-lat) did not land within ${timeoutMs} ms on qpn 0x${qpn.toString(16)}`);
+      await new Promise<void>((r) => setImmediate(r));
+    }
+  };
+  while (scnt < iters || ccnt < iters || rcnt < iters) {
+    if (rcnt < iters && !(scnt < 1 && !run.isClient)) {
+      rcnt++;
+      await landed(rcnt, rcnt === 1 ? run.firstTimeoutMs : run.timeoutMs);
+    }
+    if (scnt < iters) {
+      times[scnt] = performance.now();
+      scnt++;
+      run.send.lastByte[run.send.at] = scnt & 0xff;
+      device.postSend(qpn, { wrId: BigInt(scnt), opcode: SendOp.RDMA_WRITE, flags: SendFlag.SIGNALED, sges, remoteAddr: run.remoteAddr, rkey: run.rkey });
+    }
+    if (ccnt < iters) {
+      const wc = device.poll() ?? (await device.next(run.timeoutMs, `write completion ${ccnt + 1} of ${iters} (write-lat) on qpn 0x${qpn.toString(16)}`));
+      if (wc.status !== WcStatus.SUCCESS) throw new PeerError(`write completion with error: ${statusName(wc.status)} (${wc.status}) on qpn 0x${qpn.toString(16)}`);
+      ccnt++;
+    }
+  }
+  return times;
+}
+
 /** The ping-pong: returns the post time (ms) of each of this side's sends. */
 export async function runPingPong(device: PeerSession['device'], run: PingPongRun): Promise<Float64Array> {
   const { qpn, iters } = run;

@@ -72,6 +72,26 @@ describe('vrdma perf against itself over loopback UDP', () => {
     expect(client.report.iterations).toBe(50n);
   });
 
+  it('write-lat: each side writes the count into the last byte of the other side\'s landing area and waits for the next one', async () => {
+    const port = tcpPort++;
+    const a = session('127.0.78.6');
+    const b = session('127.0.78.7');
+    let listening!: () => void;
+    const ready = new Promise<void>((r) => (listening = r));
+    const lines: string[] = [];
+    const server = runPerf(a, opts('write-lat', port, { size: 100, iters: 300, onListening: listening, out: () => {} }));
+    await ready;
+    const client = await runPerf(b, opts('write-lat', port, { size: 100, iters: 300, server: '127.0.0.1', out: (l) => lines.push(l) }));
+    const srv = await server;
+    for (const r of [client, srv]) {
+      expect(r.latency!.iterations).toBe(300);
+      expect(r.latency!.min).toBeGreaterThan(0);
+    }
+    // the landing area is what each side advertises; 300 writes wrapped the 8-bit count past 255
+    expect(client.remote.vaddr).toBe(srv.local.vaddr);
+    expect(lines.join('\n')).toMatch(/^ 100\s+300\s+([\d.]+\s+){6}[\d.]+$/m);
+  });
+
   it('send-lat statistics: halved intervals between sends, median and percentiles as ib_send_lat sorts them', async () => {
     const { latencyStats } = await import('./perftest-lat.js');
     // sends at 0, 2, 6, 8, 18 ms: round trips 2, 4, 2, 10 ms → one-way 1000, 2000, 1000, 5000 µs

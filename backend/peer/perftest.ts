@@ -1,6 +1,7 @@
 /**
- * `vrdma perf write|read|send|send-lat`: the other end of perftest's
- * ib_write_bw, ib_read_bw, ib_send_bw and ib_send_lat (RC, one QP, the TCP
+ * `vrdma perf write|read|send|send-lat|write-lat`: the other end of
+ * perftest's ib_write_bw, ib_read_bw, ib_send_bw, ib_send_lat and
+ * ib_write_lat (RC, one QP, the TCP
  * "ethernet" exchange of perftest 4.5-0.17, see perftest-message.ts). The
  * step order, measured on the stock tools:
  *
@@ -12,11 +13,14 @@
  *   send-lat:   keys #4, SEND ping-pong (perftest-lat.ts), keys #5; each
  *               side prints its own latencies, none are exchanged
  *   "done\0" from both sides
+ *   write-lat:  keys #4, RDMA WRITE ping-pong polled in memory
+ *               (perftest-lat.ts), then nothing more: the stock
+ *               ib_write_lat closes the connection after its report
  */
 import { Access, QpState, QpType, SendFlag, SendOp, WcStatus } from '../abi/constants.js';
 import type { AddressVector, Sge } from '../engine/engine.js';
 import { OobChannel } from './oob-channel.js';
-import { LAT_HEADER, latencyLine, latencyStats, runPingPong, type LatencyStats } from './perftest-lat.js';
+import { LAT_HEADER, latencyLine, latencyStats, runPingPong, runWritePingPong, type LatencyStats } from './perftest-lat.js';
 import { PeerError, statusName } from './peer-device.js';
 import { formatGid, mtuEnum, randomPsn, type PeerSession } from './peer-session.js';
 import {
@@ -36,7 +40,7 @@ import {
   type PerftestReport,
 } from './perftest-message.js';
 
-export type PerfVerb = 'write' | 'read' | 'send' | 'send-lat';
+export type PerfVerb = 'write' | 'read' | 'send' | 'send-lat' | 'write-lat';
 
 export interface PerfOptions {
   verb: PerfVerb;
@@ -94,8 +98,8 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
   const isClient = opts.server !== null;
   if (!Number.isInteger(opts.size) || opts.size < 1) throw new PeerError(`--size ${opts.size} must be a positive integer`);
   if (!Number.isInteger(opts.iters) || opts.iters < 1) throw new PeerError(`--iters ${opts.iters} must be a positive integer`);
-  const lat = opts.verb === 'send-lat';
-  if (lat && opts.iters < 2) throw new PeerError('send-lat needs --iters of at least 2 (latencies are intervals between sends)');
+  const lat = opts.verb === 'send-lat' || opts.verb === 'write-lat';
+  if (lat && opts.iters < 2) throw new PeerError(`${opts.verb} needs --iters of at least 2 (latencies are intervals between sends)`);
   const localGid = device.gid(opts.gidIndex);
   if (localGid === null) throw new PeerError(`no GID at index ${opts.gidIndex}`);
   const t = opts.timeoutMs;
@@ -114,7 +118,9 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     const qpn = device.createQp(QpType.RC, opts.txDepth, opts.rxDepth);
     device.modifyQp(qpn, { state: QpState.INIT, pkeyIndex: 0, accessFlags: Access.REMOTE_WRITE | Access.REMOTE_READ | Access.LOCAL_WRITE });
     const outReads = opts.verb === 'read' ? opts.outReads : 1;
-    const local: PerftestKeys = { lid: 0, outReads, qpn, psn: randomPsn(), rkey: mr.rkey, vaddr: mr.addr, gid: localGid, srqn: 0 };
+    // write-lat: the peer writes into the second half (ib_write_lat polls there too); the first is what we write.
+    const landingOffset = opts.verb === 'write-lat' ? bufLen / 2 : 0;
+    const local: PerftestKeys = { lid: 0, outReads, qpn, psn: randomPsn(), rkey: mr.rkey, vaddr: mr.addr + BigInt(landingOffset), gid: localGid, srqn: 0 };
     opts.out(keyLine('local', local));
     const keys = (): Promise<Uint8Array> => ch.exchange(isClient, encodeKeys(local), t, 'the perftest keys message');
     const remote = decodeKeys(await keys());
@@ -128,7 +134,7 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     // send-lat: both sides receive, into the second half of the buffer.
     const recvSges = [mr.sge(lat ? bufLen / 2 : 0, opts.size)];
     let posted = 0;
-    if ((opts.verb === 'send' && !isClient) || lat) {
+    if ((opts.verb === 'send' && !isClient) || opts.verb === 'send-lat') {
       for (; posted < Math.min(opts.rxDepth, opts.iters); posted++) device.postRecv(qpn, BigInt(posted), recvSges);
     }
     await keys(); // #2: both QPs past RTR
@@ -140,17 +146,30 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     if (lat) {
       await keys(); // #4: both sides' receives are posted
       const start = performance.now();
-      const times = await runPingPong(device, {
-        isClient,
-        qpn,
-        iters: opts.iters,
-        sendSge: mr.sge(0, opts.size),
-        recvSge: recvSges[0]!,
-        recvPosted: posted,
-        sqDepth: Math.max(1, opts.txDepth),
-        firstTimeoutMs: isClient ? t : runDeadline(opts),
-        timeoutMs: t,
-      });
+      const times =
+        opts.verb === 'write-lat'
+          ? await runWritePingPong(device, {
+              isClient,
+              qpn,
+              iters: opts.iters,
+              send: { sge: mr.sge(0, opts.size), lastByte: mr.bytes, at: opts.size - 1 },
+              landing: { bytes: mr.bytes, at: landingOffset + opts.size - 1 },
+              remoteAddr: remote.vaddr,
+              rkey: remote.rkey,
+              firstTimeoutMs: isClient ? runDeadline(opts) : t,
+              timeoutMs: t,
+            })
+          : await runPingPong(device, {
+              isClient,
+              qpn,
+              iters: opts.iters,
+              sendSge: mr.sge(0, opts.size),
+              recvSge: recvSges[0]!,
+              recvPosted: posted,
+              sqDepth: Math.max(1, opts.txDepth),
+              firstTimeoutMs: isClient ? t : runDeadline(opts),
+              timeoutMs: t,
+            });
       latency = latencyStats(opts.size, times);
       const usec = Math.max(1, (performance.now() - start) * 1000);
       const bwAvg = (opts.size * opts.iters) / usec;
@@ -177,8 +196,10 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     }
     opts.out(latency ? LAT_HEADER : HEADER);
     opts.out(latency ? latencyLine(latency) : reportLine(report));
-    await keys(); // #5: close
-    ch.write(PERFTEST_DONE);
+    if (opts.verb !== 'write-lat') {
+      await keys(); // #5: close
+      ch.write(PERFTEST_DONE);
+    }
     return { report, remoteReport, latency, local, remote, mtu };
   } finally {
     await ch.close();

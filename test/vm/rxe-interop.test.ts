@@ -91,6 +91,16 @@ function cases(): Case[] {
       guestSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
       hostSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
     });
+    // RDMA WRITE ping-pong: each side polls the last byte of the other's write in its own memory.
+    out.push({
+      name: `ib_write_lat (${role})`,
+      guestServer,
+      guestTool: ['ib_write_lat', '-d', 'rxe0', '-x', '1', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      hostArgs: ['perf', 'write-lat', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      opcodes: [0x0a, 0x11],
+      guestSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
+      hostSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
+    });
   }
   // A receiver with almost no receive WQEs: the sender meets RNR NAKs and must wait them out.
   out.push({
