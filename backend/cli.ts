@@ -338,7 +338,7 @@ await yargs(hideBin(process.argv))
     'perf <verb> [server]',
     'The other end of perftest ib_write_bw / ib_read_bw / ib_send_bw / ib_send_lat (RC, TCP exchange; run the stock tool with -x <GID index of ::ffff:a.b.c.d>).',
     (y) =>
-      peerOptions(y.positional('verb', { choices: ['write', 'read', 'send', 'send-lat', 'write-lat'] as const, demandOption: true, describe: 'RDMA WRITE, RDMA READ or SEND bandwidth, or SEND or RDMA WRITE latency (ib_send_lat, ib_write_lat)' }))
+      peerOptions(y.positional('verb', { choices: ['write', 'read', 'send', 'send-lat', 'write-lat', 'read-lat'] as const, demandOption: true, describe: 'RDMA WRITE, RDMA READ or SEND bandwidth, or SEND, RDMA WRITE or RDMA READ latency (ib_send_lat, ib_write_lat, ib_read_lat)' }))
         .option('size', { alias: 's', type: 'number', default: 65536, describe: 'Message size (give the stock tool the same -s)' })
         .option('iters', { alias: 'n', type: 'number', default: 5000, describe: 'Messages (give the stock tool the same -n)' })
         .option('tx-depth', { alias: 't', type: 'number', default: 128, describe: 'Outstanding work requests of the client' })

@@ -47,12 +47,16 @@ export function latencyLine(s: LatencyStats): string {
   ).trimEnd();
 }
 
-/** Statistics of the post times (ms, one per iteration) of one side, as ib_send_lat prints them. */
-export function latencyStats(size: number, postTimesMs: ArrayLike<number>): LatencyStats {
+/**
+ * Statistics of the post times (ms, one per iteration) of one side, as
+ * perftest prints them: the intervals between posts divided by `factor`
+ * (2 for the ping-pongs, whose interval is a round trip; 1 for READs).
+ */
+export function latencyStats(size: number, postTimesMs: ArrayLike<number>, factor = 2): LatencyStats {
   const n = postTimesMs.length - 1;
-  if (n < 1) throw new RangeError('send-lat needs at least 2 iterations (latencies are intervals between sends)');
+  if (n < 1) throw new RangeError('a latency test needs at least 2 iterations (latencies are intervals between posts)');
   const d: number[] = [];
-  for (let i = 0; i < n; i++) d.push(((postTimesMs[i + 1]! - postTimesMs[i]!) * 1000) / 2);
+  for (let i = 0; i < n; i++) d.push(((postTimesMs[i + 1]! - postTimesMs[i]!) * 1000) / factor);
   const sorted = [...d].sort((a, b) => a - b);
   const avg = d.reduce((a, b) => a + b, 0) / n;
   const stdev = Math.sqrt(d.reduce((a, b) => a + (b - avg) ** 2, 0) / n);

@@ -92,6 +92,25 @@ describe('vrdma perf against itself over loopback UDP', () => {
     expect(lines.join('\n')).toMatch(/^ 100\s+300\s+([\d.]+\s+){6}[\d.]+$/m);
   });
 
+  it('read-lat: the client READs one at a time and prints whole round trips; the server only answers', async () => {
+    const port = tcpPort++;
+    const a = session('127.0.78.8');
+    const b = session('127.0.78.9');
+    let listening!: () => void;
+    const ready = new Promise<void>((r) => (listening = r));
+    const serverLines: string[] = [];
+    const clientLines: string[] = [];
+    const server = runPerf(a, opts('read-lat', port, { size: 256, iters: 100, onListening: listening, out: (l) => serverLines.push(l) }));
+    await ready;
+    const client = await runPerf(b, opts('read-lat', port, { size: 256, iters: 100, server: '127.0.0.1', out: (l) => clientLines.push(l) }));
+    const srv = await server;
+    expect(client.latency!.iterations).toBe(100);
+    expect(client.latency!.min).toBeGreaterThan(0);
+    expect(clientLines.join('\n')).toMatch(/^ 256\s+100\s+([\d.]+\s+){6}[\d.]+$/m);
+    expect(srv.latency).toBeNull();
+    expect(serverLines.join('\n')).not.toMatch(/t_min/);
+  });
+
   it('send-lat statistics: halved intervals between sends, median and percentiles as ib_send_lat sorts them', async () => {
     const { latencyStats } = await import('./perftest-lat.js');
     // sends at 0, 2, 6, 8, 18 ms: round trips 2, 4, 2, 10 ms → one-way 1000, 2000, 1000, 5000 µs

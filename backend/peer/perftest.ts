@@ -16,6 +16,8 @@
  *   write-lat:  keys #4, RDMA WRITE ping-pong polled in memory
  *               (perftest-lat.ts), then nothing more: the stock
  *               ib_write_lat closes the connection after its report
+ *   read-lat:   keys #4, the client READs one at a time (the server only
+ *               answers, and prints no numbers), keys #5, "done\0"
  */
 import { Access, QpState, QpType, SendFlag, SendOp, WcStatus } from '../abi/constants.js';
 import type { AddressVector, Sge } from '../engine/engine.js';
@@ -40,7 +42,7 @@ import {
   type PerftestReport,
 } from './perftest-message.js';
 
-export type PerfVerb = 'write' | 'read' | 'send' | 'send-lat' | 'write-lat';
+export type PerfVerb = 'write' | 'read' | 'send' | 'send-lat' | 'write-lat' | 'read-lat';
 
 export interface PerfOptions {
   verb: PerfVerb;
@@ -99,7 +101,8 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
   if (!Number.isInteger(opts.size) || opts.size < 1) throw new PeerError(`--size ${opts.size} must be a positive integer`);
   if (!Number.isInteger(opts.iters) || opts.iters < 1) throw new PeerError(`--iters ${opts.iters} must be a positive integer`);
   const lat = opts.verb === 'send-lat' || opts.verb === 'write-lat';
-  if (lat && opts.iters < 2) throw new PeerError(`${opts.verb} needs --iters of at least 2 (latencies are intervals between sends)`);
+  const readLat = opts.verb === 'read-lat';
+  if ((lat || readLat) && opts.iters < 2) throw new PeerError(`${opts.verb} needs --iters of at least 2 (latencies are intervals between sends)`);
   const localGid = device.gid(opts.gidIndex);
   if (localGid === null) throw new PeerError(`no GID at index ${opts.gidIndex}`);
   const t = opts.timeoutMs;
@@ -117,7 +120,7 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     const mr = device.registerMr(bufLen, Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ);
     const qpn = device.createQp(QpType.RC, opts.txDepth, opts.rxDepth);
     device.modifyQp(qpn, { state: QpState.INIT, pkeyIndex: 0, accessFlags: Access.REMOTE_WRITE | Access.REMOTE_READ | Access.LOCAL_WRITE });
-    const outReads = opts.verb === 'read' ? opts.outReads : 1;
+    const outReads = opts.verb === 'read' || readLat ? opts.outReads : 1;
     // write-lat: the peer writes into the second half (ib_write_lat polls there too); the first is what we write.
     const landingOffset = opts.verb === 'write-lat' ? bufLen / 2 : 0;
     const local: PerftestKeys = { lid: 0, outReads, qpn, psn: randomPsn(), rkey: mr.rkey, vaddr: mr.addr + BigInt(landingOffset), gid: localGid, srqn: 0 };
@@ -127,8 +130,9 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     opts.out(keyLine('remote', remote));
 
     const av: AddressVector = { dgid: remote.gid, sgidIndex: opts.gidIndex, hopLimit: 1, trafficClass: 0, flowLabel: 0, sl: 0 };
-    device.modifyQp(qpn, { state: QpState.RTR, av, pathMtu: mtu, destQpn: remote.qpn, rqPsn: remote.psn, maxDestRdAtomic: opts.verb === 'read' ? outReads : 1, minRnrTimer: 12 });
-    device.modifyQp(qpn, { state: QpState.RTS, timeout: 14, retryCnt: 7, rnrRetry: 7, sqPsn: local.psn, maxRdAtomic: opts.verb === 'read' ? Math.min(outReads, remote.outReads || 1) : 1 });
+    const reads = opts.verb === 'read' || readLat;
+    device.modifyQp(qpn, { state: QpState.RTR, av, pathMtu: mtu, destQpn: remote.qpn, rqPsn: remote.psn, maxDestRdAtomic: reads ? outReads : 1, minRnrTimer: 12 });
+    device.modifyQp(qpn, { state: QpState.RTS, timeout: 14, retryCnt: 7, rnrRetry: 7, sqPsn: local.psn, maxRdAtomic: reads ? Math.min(outReads, remote.outReads || 1) : 1 });
 
     // Receives for send are up before the client can start (it starts after keys #4).
     // send-lat: both sides receive, into the second half of the buffer.
@@ -143,7 +147,19 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     let report: PerftestReport;
     let remoteReport: PerftestReport | null = null;
     let latency: LatencyStats | null = null;
-    if (lat) {
+    let closed = false;
+    if (readLat) {
+      await keys(); // #4: both ready
+      if (isClient) {
+        const times = await runReads(device, qpn, opts, mr.sge(0, opts.size), remote);
+        latency = latencyStats(opts.size, times, 1);
+      } else {
+        // The server only answers READs; it waits in keys #5 for the client's whole run.
+        await ch.exchange(false, encodeKeys(local), runDeadline(opts), 'the client\'s end-of-test message'); // #5
+        closed = true;
+      }
+      report = { size: BigInt(opts.size), iterations: BigInt(opts.iters), bwPeak: 0, bwAvg: 0, msgRate: 0 };
+    } else if (lat) {
       await keys(); // #4: both sides' receives are posted
       const start = performance.now();
       const times =
@@ -194,16 +210,31 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
       remoteReport = decodeReport(theirs);
       report = remoteReport;
     }
-    opts.out(latency ? LAT_HEADER : HEADER);
-    opts.out(latency ? latencyLine(latency) : reportLine(report));
+    if (!(readLat && !isClient)) {
+      opts.out(latency ? LAT_HEADER : HEADER);
+      opts.out(latency ? latencyLine(latency) : reportLine(report));
+    }
     if (opts.verb !== 'write-lat') {
-      await keys(); // #5: close
+      if (!closed) await keys(); // #5: close
       ch.write(PERFTEST_DONE);
     }
     return { report, remoteReport, latency, local, remote, mtu };
   } finally {
     await ch.close();
   }
+}
+
+/** ib_read_lat's client: one RDMA READ at a time; returns the post time (ms) of each. */
+async function runReads(device: PeerSession['device'], qpn: number, opts: PerfOptions, sge: Sge, remote: PerftestKeys): Promise<Float64Array> {
+  const times = new Float64Array(opts.iters);
+  const sges = [sge];
+  for (let i = 0; i < opts.iters; i++) {
+    times[i] = performance.now();
+    device.postSend(qpn, { wrId: BigInt(i), opcode: SendOp.RDMA_READ, flags: SendFlag.SIGNALED, sges, remoteAddr: remote.vaddr, rkey: remote.rkey });
+    const wc = device.poll() ?? (await device.next(opts.timeoutMs, `READ ${i + 1} of ${opts.iters} (read-lat) on qpn 0x${qpn.toString(16)}`));
+    if (wc.status !== WcStatus.SUCCESS) throw new PeerError(`READ completion with error: ${statusName(wc.status)} (${wc.status}) on qpn 0x${qpn.toString(16)}`);
+  }
+  return times;
 }
 
 /** Posts `iters` WRs keeping at most `depth` in flight; every one signalled (a CQE per WR keeps the count exact). */

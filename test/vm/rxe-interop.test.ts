@@ -91,6 +91,16 @@ function cases(): Case[] {
       guestSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
       hostSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
     });
+    // One RDMA READ at a time from the client; the server only answers (the stock server prints no numbers).
+    out.push({
+      name: `ib_read_lat (${role})`,
+      guestServer,
+      guestTool: ['ib_read_lat', '-d', 'rxe0', '-x', '1', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      hostArgs: ['perf', 'read-lat', '-n', String(PERF_ITERS), '-s', String(LAT_SIZE)],
+      opcodes: [0x0c, 0x10],
+      guestSays: guestServer ? /RDMA_Read Latency Test/ : new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm'),
+      ...(guestServer ? { hostSays: new RegExp(`^ ${LAT_SIZE}\\s+${PERF_ITERS}\\s+([\\d.]+\\s+){6}[\\d.]+\\s*$`, 'm') } : {}),
+    });
     // RDMA WRITE ping-pong: each side polls the last byte of the other's write in its own memory.
     out.push({
       name: `ib_write_lat (${role})`,
