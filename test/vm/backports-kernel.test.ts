@@ -82,7 +82,7 @@ describe("the guest driver on Debian 12's backports kernel (6.12)", () => {
       expect(out).toMatch(/^L ud 20 iters in [\d.]+ seconds/m);
       expect(out).toMatch(/^L bw\s+65536\s+50\s+[\d.]+\s+[\d.]+\s+[\d.]+\s*$/m);
       expect(out.split('\n').filter((l) => l.startsWith('not ok')), context).toEqual([]);
-      expect(out).toMatch(/^# 35 passed, 0 failed$/m);
+      expect(out).toMatch(/^# 38 passed, 0 failed$/m);
       expect(out).toContain('CONFORMANCE rc=0');
       expect(out).toContain('KSELFTEST rc=0');
       expect(out).toMatch(/^K vrdma_kselftest: PASSED$/m);

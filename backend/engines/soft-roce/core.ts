@@ -20,10 +20,12 @@ export interface SoftRoceStats {
   rnrNaks: number;
   naksSent: number;
   packetsSent: number;
+  /** Datagrams whose handling threw (a bug): the QP went to ERR, the engine kept running. */
+  internalErrors: number;
 }
 
 export function newStats(): SoftRoceStats {
-  return { malformed: 0, badIcrc: 0, noQp: 0, ignored: 0, retransmits: 0, rnrNaks: 0, naksSent: 0, packetsSent: 0 };
+  return { malformed: 0, badIcrc: 0, noQp: 0, ignored: 0, retransmits: 0, rnrNaks: 0, naksSent: 0, packetsSent: 0, internalErrors: 0 };
 }
 
 export interface RoceCore {

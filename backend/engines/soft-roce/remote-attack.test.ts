@@ -485,6 +485,22 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
     await healthy();
   });
 
+  it('a two-packet WRITE with immediate to a QP with no receive posted: RNR NAK for the last packet, QP stays RTS, the engine keeps running', async () => {
+    const healthy = healthyTraffic();
+    const { mr } = target();
+    const qx = victimQp();
+    await send({ opcode: Opcode.RC_RDMA_WRITE_FIRST, destQp: qx, va: mr.iova, rkey: mr.rkey, dmaLength: 2 * MTU, payload: new Uint8Array(MTU).fill(0x41), ackReq: false });
+    await send({ opcode: Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE, destQp: qx, psn: EPSN + 1, payload: new Uint8Array(MTU).fill(0x42) });
+    const r = await replies();
+    expect(r).toHaveLength(1);
+    expect(r[0]).toMatchObject({ opcode: Opcode.RC_ACKNOWLEDGE, psn: EPSN + 1 });
+    expect(r[0]!.syndrome & 0xe0).toBe(0x20); // RNR NAK
+    expect(qpState(qx)).toBe(QpState.RTS);
+    expect(v.engine.stats.internalErrors).toBe(0);
+    expect(v.host.recvsOf(qx)).toEqual([]);
+    await healthy();
+  });
+
   it('responses nobody asked for (ACK, NAKs, READ response, ATOMIC ACK for PSNs never sent) are ignored: no answer, QP stays RTS', async () => {
     const healthy = healthyTraffic();
     const { mr, before } = target();

@@ -117,7 +117,12 @@ export class Responder {
         if (dmaLength > 0 && memory.remoteCheck(qp.pdn, rkey, va, dmaLength, 'write') !== WcStatus.SUCCESS) return this.nakAccess(qp, `RDMA WRITE of ${dmaLength} bytes at 0x${va.toString(16)} refused (rkey 0x${rkey.toString(16)})`);
         msg = { kind: 'write', entry: null, offset: 0, va, rkey, dmaLength };
       }
-    } else msg = cur;
+    } else {
+      msg = cur;
+      // The last packet of a multi-packet WRITE with immediate takes a receive WQE: without one,
+      // RNR NAK that packet before its bytes land (the message stays open; the requester resends it).
+      if (!isSend && withImm && qp.rq[0] === undefined) return this.rnrNak(qp, psn);
+    }
     if (!isSend && msg.offset + n > msg.dmaLength) return this.invalid(qp, 'RDMA WRITE longer than its DMA length');
     if (isSend) {
       if (n > 0) {
@@ -249,7 +254,12 @@ export class Responder {
   /** A finished SEND, or WRITE with immediate, completes the head receive WQE. */
   private deliver(qp: RoceQp, pkt: RocePacket, msg: InMessage, isSend: boolean, withImm: boolean): void {
     if (!isSend && !withImm) return;
-    const entry = isSend ? msg.entry! : qp.rq[0]!;
+    const entry = isSend ? msg.entry : qp.rq[0];
+    if (entry === null || entry === undefined) {
+      // Unreachable by the checks above; a malformed request must never take the engine down.
+      this.core.host().log.warn(`${qp.name}: a finished message has no receive WQE to complete; QP to ERR`);
+      return this.invalid(qp, 'no receive WQE for a finished message');
+    }
     qp.rq.shift();
     const c = recvCompletion(WcStatus.SUCCESS, isSend ? WcOpcode.RECV : WcOpcode.RECV_RDMA_WITH_IMM, msg.offset, withImm ? WcFlag.WITH_IMM : 0, withImm ? pkt.immDt.imm : 0, qp.attrs.destQpn);
     c.solicited = pkt.bth.se;

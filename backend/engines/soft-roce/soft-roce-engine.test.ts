@@ -281,6 +281,22 @@ describe('SoftRoceEngine RC over UDP', () => {
     expect(dst.read(0, 2500)).toEqual(data);
   });
 
+  it('RNR NAK: a multi-packet WRITE with immediate waits for a receive like a SEND, then lands once', async () => {
+    const [qa, qb] = connect({ accessFlags: ALL }, { accessFlags: ALL });
+    const src = mr(a, 3000);
+    const dst = mr(b, 4096);
+    const data = pattern(3000, 8);
+    src.write(0, data);
+    postSend(a, qa, { opcode: SendOp.RDMA_WRITE_WITH_IMM, sges: [src.sge(0, 3000)], remoteAddr: dst.iova, rkey: dst.rkey, imm: 0xfeed });
+    await until(() => b.engine.stats.rnrNaks >= 2);
+    expect(a.host.sends).toEqual([]);
+    postRecv(b, qb, []);
+    await until(() => a.host.sends.length === 1 && b.host.recvs.length === 1);
+    expect(a.host.sends[0]!.status).toBe(WcStatus.SUCCESS);
+    expect(b.host.recvs[0]).toMatchObject({ status: WcStatus.SUCCESS, opcode: WcOpcode.RECV_RDMA_WITH_IMM, byteLen: 3000, imm: 0xfeed });
+    expect(dst.read(0, 3000)).toEqual(data);
+  });
+
   it('RNR retry exhausted -> RNR_RETRY_EXC_ERR and the QP fails', async () => {
     const [qa] = connect({ rnrRetry: 2 });
     const src = mr(a, 100);

@@ -383,10 +383,18 @@ export class SoftRoceEngine implements Engine, RoceCore {
         continue;
       }
       const op = pkt.opcode;
-      if (transport === TRANSPORT_UD) this.responder.onUdRequest(qp, pkt, src);
-      else if (transport === TRANSPORT_UC) this.responder.onUcRequest(qp, pkt);
-      else if (op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE) this.completer.onResponse(qp, pkt);
-      else this.responder.onRequest(qp, pkt);
+      try {
+        if (transport === TRANSPORT_UD) this.responder.onUdRequest(qp, pkt, src);
+        else if (transport === TRANSPORT_UC) this.responder.onUcRequest(qp, pkt);
+        else if (op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE) this.completer.onResponse(qp, pkt);
+        else this.responder.onRequest(qp, pkt);
+      } catch (err) {
+        // Datagrams come from the network: a bug their handling hits must cost this QP, never the
+        // back-end and every other QP with it.
+        this.stats.internalErrors++;
+        this.attached?.log.error(`${qp.name}: handling opcode 0x${op.toString(16)} PSN 0x${pkt.bth.psn.toString(16)} failed: ${oneLine(err)}; QP to ERR`);
+        this.failQp(qp, 'internal error in the receive path');
+      }
     }
   }
 
@@ -423,3 +431,9 @@ export class SoftRoceEngine implements Engine, RoceCore {
   }
 }
 
+/** An error and where it was thrown, on one log line. */
+function oneLine(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const at = (err.stack ?? '').split('\n').find((l) => l.trim().startsWith('at '));
+  return at === undefined ? err.message : `${err.message} (${at.trim()})`;
+}

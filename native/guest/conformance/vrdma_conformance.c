@@ -1362,6 +1362,136 @@ out:
 	return ret;
 }
 
+/* A compare-and-swap that misses returns the original value and leaves memory as it was. */
+static int atomic_cas_miss(void)
+{
+	struct pair p;
+	uint64_t *remote, *local;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	remote = (uint64_t *)(p.b.buf + 128);
+	local = (uint64_t *)p.a.buf;
+	*remote = 7;
+	*local = 0;
+	struct ibv_sge sge = { .addr = (uintptr_t)local, .length = 8, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 150, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_ATOMIC_CMP_AND_SWP,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.atomic = { .remote_addr = (uintptr_t)remote, .rkey = p.b.mr->rkey, .compare_add = 8, .swap = 99 } };
+
+	if (post_send(&p.a, &wr) || expect_wc(p.a.scq, 150, IBV_WC_SUCCESS, IBV_WC_COMP_SWAP, -1, NULL))
+		goto out;
+	if (*local != 7 || *remote != 7) {
+		fail("missed compare: original %" PRIu64 ", remote now %" PRIu64, *local, *remote);
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/*
+ * An RDMA WRITE with immediate needs a receive WQE: with none posted the
+ * responder sends RNR NAKs and the requester retries until one is posted;
+ * then the data and the immediate arrive once.
+ */
+static int write_with_imm_rnr(void)
+{
+	struct pair p;
+	struct ibv_wc wc;
+	int ret = -1;
+
+	if (pair_open(&p, IBV_QPT_RC, 7))
+		goto out;
+	fill(p.a.buf, 3000, 17);
+	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = 3000, .lkey = p.a.mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 160, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_RDMA_WRITE_WITH_IMM,
+				  .send_flags = IBV_SEND_SIGNALED, .imm_data = htobe32(0xfeed),
+				  .wr.rdma = { .remote_addr = (uintptr_t)p.b.buf + 8192, .rkey = p.b.mr->rkey } };
+
+	if (post_send(&p.a, &wr) || poll_none(p.a.scq, 150) || post_recv(&p.b, 161, 0, 0))
+		goto out;
+	if (expect_wc(p.a.scq, 160, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, -1, NULL) ||
+	    expect_wc(p.b.rcq, 161, IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM, 3000, &wc) || poll_none(p.b.rcq, 50))
+		goto out;
+	if (be32toh(wc.imm_data) != 0xfeed || memcmp(p.b.buf + 8192, p.a.buf, 3000)) {
+		fail("after the RNR wait: imm 0x%x, bytes %s", be32toh(wc.imm_data),
+		     memcmp(p.b.buf + 8192, p.a.buf, 3000) ? "differ" : "match");
+		goto out;
+	}
+	ret = 0;
+out:
+	pair_close(&p);
+	return ret;
+}
+
+/* Two QP pairs whose receives complete on one CQ: each completion names its own QP. */
+static int shared_cq(void)
+{
+	struct pair p1, p2;
+	struct ibv_cq *cq = NULL;
+	struct ibv_qp *qps[2] = { NULL, NULL };
+	int ret = -1;
+
+	memset(&p2, 0, sizeof(p2));
+	if (pair_open(&p1, IBV_QPT_RC, 7) || pair_open(&p2, IBV_QPT_RC, 7))
+		goto out;
+	/* b's receive CQs stay as they are; a shared one is made for two extra receivers' view */
+	cq = p1.b.rcq;
+	qps[0] = p1.b.qp;
+	qps[1] = p2.b.qp;
+	/* p2's receiver gets its own QP on p1's receive CQ: recreate p2.b.qp with recv_cq = cq */
+	{
+		struct ibv_qp_init_attr init = {
+			.qp_type = IBV_QPT_RC, .send_cq = p2.b.scq, .recv_cq = cq,
+			.cap = { .max_send_wr = 8, .max_recv_wr = 8, .max_send_sge = 1, .max_recv_sge = 1 },
+		};
+		struct ibv_qp *q = ibv_create_qp(p2.pd, &init);
+
+		CHECK(q, "ibv_create_qp on a shared CQ: %s", strerror(errno));
+		ibv_destroy_qp(p2.b.qp);
+		p2.b.qp = q;
+		qps[1] = q;
+		/* p2's a must reconnect to the new QP: reset it first */
+		struct ibv_qp_attr r = { .qp_state = IBV_QPS_RESET };
+
+		CHECK(!ibv_modify_qp(p2.a.qp, &r, IBV_QP_STATE), "reset: %s", strerror(errno));
+		if (connect_qp(&p2, &p2.a, &p2.b, ALL_ACCESS, 7) || connect_qp(&p2, &p2.b, &p2.a, ALL_ACCESS, 7))
+			goto out;
+	}
+	if (post_recv(&p1.b, 170, 0, 64) || post_recv(&p2.b, 171, 0, 64))
+		goto out;
+	struct ibv_sge s1 = { .addr = (uintptr_t)p1.a.buf, .length = 11, .lkey = p1.a.mr->lkey };
+	struct ibv_sge s2 = { .addr = (uintptr_t)p2.a.buf, .length = 22, .lkey = p2.a.mr->lkey };
+	struct ibv_send_wr w1 = { .wr_id = 172, .sg_list = &s1, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+	struct ibv_send_wr w2 = { .wr_id = 173, .sg_list = &s2, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
+
+	if (post_send(&p1.a, &w1) || post_send(&p2.a, &w2))
+		goto out;
+	for (int i = 0; i < 2; i++) {
+		struct ibv_wc wc;
+
+		if (poll_one(cq, &wc))
+			goto out;
+		int k = wc.wr_id == 170 ? 0 : wc.wr_id == 171 ? 1 : -1;
+
+		if (k < 0 || wc.status != IBV_WC_SUCCESS || wc.qp_num != qps[k]->qp_num || wc.byte_len != (k ? 22u : 11u)) {
+			fail("completion on the shared CQ: wr %" PRIu64 " %s qp 0x%x len %u", wc.wr_id,
+			     ibv_wc_status_str(wc.status), wc.qp_num, wc.byte_len);
+			goto out;
+		}
+	}
+	if (poll_none(p2.b.rcq, 50))
+		goto out;
+	ret = 0;
+out:
+	pair_close(&p2);
+	pair_close(&p1);
+	return ret;
+}
+
 /* PDs: exactly max_pd can be allocated when the device reports a small limit; with a huge one, at least LIMIT_PROBE. */
 #define LIMIT_PROBE 1024
 static int limit_pd(void)
@@ -1426,6 +1556,9 @@ static const struct scenario scenarios[] = {
 	{ "badWrInChain", bad_wr_in_chain },
 	{ "qpReuseAfterReset", qp_reuse_after_reset },
 	{ "modifyRtsToRts", modify_rts_to_rts },
+	{ "atomicCasMiss", atomic_cas_miss },
+	{ "writeWithImmRnr", write_with_imm_rnr },
+	{ "sharedCq", shared_cq },
 	{ "limitPd", limit_pd },
 };
 
