@@ -501,6 +501,110 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
     await healthy();
   });
 
+  it('2,000 seeded random messages (every request kind, split by the MTU, some packets mutated or dropped, keys and ranges in and around the MR): nothing throws, nothing outside the MR changes, other QPs unaffected', async () => {
+    const healthy = healthyTraffic();
+    const { mr, before } = target();
+    let seed = Number(process.env.FUZZ_SEED ?? 0x5eed);
+    const rnd = (n: number): number => {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      return (seed >>> 8) % n;
+    };
+    const accessSets = [ALL_ACCESS, Access.REMOTE_READ, Access.REMOTE_WRITE, Access.REMOTE_ATOMIC | Access.REMOTE_WRITE];
+    const kinds = [QpType.RC, QpType.RC, QpType.RC, QpType.UC, QpType.UD];
+    const up = (qpn: number): void => {
+      for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) {
+        v.engine.modifyQp(qpn, rcAttrs({ state, destQpn: ATTACKER_QPN, av: avTo(ipv4Gid(ATTACKER)), rqPsn: EPSN, sqPsn: 0x200, accessFlags: accessSets[rnd(accessSets.length)]!, qkey: 0x1111 }), 0);
+      }
+    };
+    const victims = kinds.map((type) => victimQp({}, QpState.RTS, type));
+    const recvBuf = region(v, 4 * MTU);
+    const allOpcodes = [...Object.values(Opcode)].filter((o) => typeof o === 'number') as number[];
+    // [first, middle, last, only] opcodes of each message kind (RC numbering; UC adds 0x20)
+    const shapes = {
+      send: [Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST, Opcode.RC_SEND_ONLY],
+      sendImm: [Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST_WITH_IMMEDIATE, Opcode.RC_SEND_ONLY_WITH_IMMEDIATE],
+      write: [Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST, Opcode.RC_RDMA_WRITE_ONLY],
+      writeImm: [Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE, Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE],
+    } as const;
+    const shapeNames = Object.keys(shapes) as (keyof typeof shapes)[];
+    const internal0 = v.engine.stats.internalErrors;
+    const settle = async (): Promise<void> => {
+      for (let j = 0; j < 3; j++) await new Promise<void>((r) => setImmediate(r));
+    };
+    let packets = 0;
+    for (let m = 0; m < 2000; m++) {
+      const k = rnd(victims.length);
+      const qpn = victims[k]!;
+      const type = kinds[k]!;
+      await settle();
+      const saved = decodeState(v.engine.saveState()).qps.find((q) => q.qpn === qpn)!;
+      if (saved.attrs.state === QpState.ERR) {
+        // Back through RESET, so every path stays reachable.
+        v.engine.modifyQp(qpn, rcAttrs({ state: QpState.RESET }), 0);
+        up(qpn);
+        continue;
+      }
+      if (rnd(3) === 0 && saved.rq.length < 8) postRecv(v, qpn, [recvBuf.sge(rnd(2) * MTU, rnd(3) * MTU)]);
+      // The message: a request of some kind and length, split as a requester would split it.
+      const pick = rnd(10);
+      const len = [0, 1, MTU - 1, MTU, MTU + 1, 2 * MTU, 3 * MTU - 5][rnd(7)]!;
+      const va = rnd(4) === 0 ? mr.iova + BigInt(rnd(MR_LEN + 400)) - 200n : mr.iova + BigInt(rnd(4) * 8);
+      const rkey = rnd(8) === 0 ? rnd(0x1000000) : mr.rkey;
+      const reqs: Parameters<typeof packet>[0][] = [];
+      if (type === QpType.RC && pick >= 8) {
+        // READ or atomic: one request packet
+        const op = [Opcode.RC_RDMA_READ_REQUEST, Opcode.RC_COMPARE_SWAP, Opcode.RC_FETCH_ADD][rnd(3)]!;
+        reqs.push({ opcode: op, destQp: qpn, va, rkey, dmaLength: len, swapAdd: BigInt(rnd(9)), compare: BigInt(rnd(9)) });
+      } else if (type === QpType.UD) {
+        reqs.push({ opcode: rnd(2) ? Opcode.UD_SEND_ONLY : Opcode.UD_SEND_ONLY_WITH_IMMEDIATE, destQp: qpn, payload: new Uint8Array(Math.min(len, MTU + rnd(2))) });
+      } else {
+        const shape = shapes[shapeNames[rnd(shapeNames.length)]!];
+        const n = Math.max(1, Math.ceil(len / MTU));
+        const uc = type === QpType.UC ? 0x20 : 0;
+        for (let i = 0; i < n; i++) {
+          const op = (n === 1 ? shape[3] : i === 0 ? shape[0] : i === n - 1 ? shape[2] : shape[1]) | uc;
+          const size = i < n - 1 ? MTU : len - (n - 1) * MTU;
+          reqs.push({ opcode: op, destQp: qpn, va, rkey, dmaLength: len, payload: new Uint8Array(Math.max(0, size)).fill(0x5a) });
+        }
+      }
+      let psn = saved.rqPsn;
+      for (const r of reqs) {
+        // Mutations: drop it, another opcode, a PSN one off, a length one off.
+        const roll = rnd(40);
+        if (roll === 0) {
+          psn = (psn + 1) & 0xffffff;
+          continue;
+        }
+        if (roll === 1) r.opcode = allOpcodes[rnd(allOpcodes.length)]!;
+        const thisPsn = roll === 2 ? (psn + rnd(3) - 1) & 0xffffff : psn;
+        if (roll === 3 && r.payload !== undefined && r.payload.length > 0) r.payload = r.payload.subarray(1);
+        try {
+          const p = packet({ ...r, psn: thisPsn, ackReq: rnd(3) === 0 });
+          p.immDt.imm = rnd(0x7fffffff);
+          p.deth.qkey = rnd(6) === 0 ? rnd(0x7fffffff) : 0x1111;
+          p.deth.srcQp = rnd(0x1000000);
+          p.aeth.syndrome = rnd(256);
+          const bytes = attacker.build(p, r.payload !== undefined && r.payload.length > 0 ? r.payload : null, to);
+          await attacker.sendRaw(bytes, to, VICTIM);
+          packets++;
+        } catch {
+          // an opcode or header the packet builder refuses: nothing is sent
+        }
+        psn = (psn + 1) & 0xffffff;
+      }
+    }
+    await sleep(200);
+    expect(packets).toBeGreaterThan(2000);
+    expect(v.engine.stats.internalErrors - internal0, 'datagrams whose handling threw').toBe(0);
+    for (const [off, n] of changes(mr, before)) {
+      expect(off, 'a change before the MR').toBeGreaterThanOrEqual(0);
+      expect(off + n, 'a change past the MR').toBeLessThanOrEqual(MR_LEN);
+    }
+    // The victims' leftover receives flush, so the healthy pair's bookkeeping can settle.
+    for (const q of victims) v.engine.modifyQp(q, rcAttrs({ state: QpState.ERR }), 0);
+    await healthy();
+  }, 60_000);
+
   it('responses nobody asked for (ACK, NAKs, READ response, ATOMIC ACK for PSNs never sent) are ignored: no answer, QP stays RTS', async () => {
     const healthy = healthyTraffic();
     const { mr, before } = target();
