@@ -605,6 +605,74 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
     await healthy();
   }, 60_000);
 
+  it('1,500 seeded random responses (ACKs, NAKs of every syndrome, READ responses, ATOMIC ACKs, at and around the PSNs the victim sent) to a requester with WRITEs, READs, SENDs and atomics outstanding: nothing throws, nothing outside the local MR changes, every WR completes once', async () => {
+    const healthy = healthyTraffic();
+    let seed = Number(process.env.FUZZ_SEED ?? 0xacc);
+    const rnd = (n: number): number => {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      return (seed >>> 8) % n;
+    };
+    const local = region(v, 4 * MTU, ALL_ACCESS, LEAD);
+    fillPattern(local.span, 0x10ca1);
+    const localBefore = local.span.slice();
+    const qx = victimQp({ timeout: 10, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 });
+    const revive = (): void => {
+      v.engine.modifyQp(qx, rcAttrs({ state: QpState.RESET }), 0);
+      for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) {
+        v.engine.modifyQp(qx, rcAttrs({ state, destQpn: ATTACKER_QPN, av: avTo(ipv4Gid(ATTACKER)), rqPsn: EPSN, sqPsn: 0x200, accessFlags: ALL_ACCESS, timeout: 10, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 }), 0);
+      }
+    };
+    const postSome = (): void => {
+      for (let i = 0; i < 4; i++) {
+        const kind = rnd(4);
+        const len = [1, MTU, 2 * MTU + 7, 3 * MTU][rnd(4)]!;
+        if (kind === 0) postSend(v, qx, { opcode: SendOp.RDMA_READ, sges: [local.sge(0, len)], remoteAddr: 0x1000n, rkey: 0x77 });
+        else if (kind === 1) postSend(v, qx, { opcode: SendOp.RDMA_WRITE, sges: [local.sge(0, len)], remoteAddr: 0x1000n, rkey: 0x77 });
+        else if (kind === 2) postSend(v, qx, { opcode: SendOp.SEND, sges: [local.sge(0, len)] });
+        else postSend(v, qx, { opcode: SendOp.ATOMIC_FETCH_AND_ADD, sges: [local.sge(8 * rnd(4), 8)], remoteAddr: 0x1000n, rkey: 0x77, compareAdd: 1n });
+      }
+    };
+    const internal0 = v.engine.stats.internalErrors;
+    const responses = [Opcode.RC_ACKNOWLEDGE, Opcode.RC_ATOMIC_ACKNOWLEDGE, Opcode.RC_RDMA_READ_RESPONSE_FIRST, Opcode.RC_RDMA_READ_RESPONSE_MIDDLE, Opcode.RC_RDMA_READ_RESPONSE_LAST, Opcode.RC_RDMA_READ_RESPONSE_ONLY];
+    const syndromes = [0x1f, 0x00, 0x20, 0x21, 0x3f, 0x60, 0x61, 0x62, 0x63, 0x64, 0x7f, 0x40, 0x80];
+    let sentPsns: number[] = [];
+    let msn = 0;
+    for (let i = 0; i < 1500; i++) {
+      await new Promise<void>((r) => setImmediate(r));
+      const saved = decodeState(v.engine.saveState()).qps.find((q) => q.qpn === qx)!;
+      if (saved.attrs.state === QpState.ERR) {
+        await sleep(1);
+        revive();
+        sentPsns = [];
+        continue;
+      }
+      if (saved.sq.length < 4) postSome();
+      for (const r of attacker.replies.splice(0)) sentPsns.push(r.psn);
+      if (sentPsns.length > 64) sentPsns = sentPsns.slice(-64);
+      const base = sentPsns.length > 0 ? sentPsns[rnd(sentPsns.length)]! : 0x200;
+      const opcode = responses[rnd(responses.length)]!;
+      const len = opcode === Opcode.RC_ACKNOWLEDGE || opcode === Opcode.RC_ATOMIC_ACKNOWLEDGE ? 0 : [0, 1, MTU - 1, MTU, MTU + 1][rnd(5)]!;
+      try {
+        const p = packet({ opcode, destQp: qx, psn: (base + rnd(5) - 2) & 0xffffff, ackReq: false, payload: new Uint8Array(len) });
+        p.aeth.syndrome = rnd(4) === 0 ? rnd(256) : syndromes[rnd(syndromes.length)]!;
+        p.aeth.msn = rnd(3) === 0 ? rnd(0x1000000) : (msn = (msn + rnd(2)) & 0xffffff);
+        p.atomicAckEth.origRemoteData = BigInt(rnd(1000));
+        await attacker.sendRaw(attacker.build(p, len > 0 ? new Uint8Array(len).fill(0x33) : null, to), to, VICTIM);
+      } catch {
+        // an opcode or header the packet builder refuses: nothing is sent
+      }
+    }
+    await sleep(200);
+    expect(v.engine.stats.internalErrors - internal0, 'datagrams whose handling threw').toBe(0);
+    // Responses land only in the WRs' local buffers: the MR's first 3 pages and nothing around them.
+    for (let j = 0; j < local.span.length; j++) {
+      const inMr = j >= local.spanStart && j < local.spanStart + 4 * MTU;
+      if (!inMr && local.span[j] !== localBefore[j]) throw new Error(`byte ${j - local.spanStart} outside the local MR changed`);
+    }
+    v.engine.modifyQp(qx, rcAttrs({ state: QpState.ERR }), 0);
+    await healthy();
+  }, 60_000);
+
   it('responses nobody asked for (ACK, NAKs, READ response, ATOMIC ACK for PSNs never sent) are ignored: no answer, QP stays RTS', async () => {
     const healthy = healthyTraffic();
     const { mr, before } = target();
