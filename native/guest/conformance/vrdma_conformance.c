@@ -297,6 +297,18 @@ static void fill(uint8_t *p, size_t n, unsigned seed)
 		p[i] = (uint8_t)(seed + i * 131 + (i >> 8));
 }
 
+/* An address handle to this device's own GID (the scenarios loop UD traffic back); NULL after fail(). */
+static struct ibv_ah *ah_to_self(struct ibv_pd *pd)
+{
+	struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
+				  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
+	struct ibv_ah *ah = ibv_create_ah(pd, &aa);
+
+	if (!ah)
+		fail("ibv_create_ah: %s", strerror(errno));
+	return ah;
+}
+
 /* ------------------------------------------------------------ scenarios */
 
 static int query_basics(void)
@@ -336,14 +348,9 @@ static int send_recv(enum ibv_qp_type type, uint32_t len, bool imm)
 		.send_flags = IBV_SEND_SIGNALED, .imm_data = htobe32(0xc0ffee),
 	};
 	if (type == IBV_QPT_UD) {
-		struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
-					  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
-
-		ah = ibv_create_ah(p.pd, &aa);
-		if (!ah) {
-			fail("ibv_create_ah: %s", strerror(errno));
+		ah = ah_to_self(p.pd);
+		if (!ah)
 			goto out;
-		}
 		wr.wr.ud.ah = ah;
 		wr.wr.ud.remote_qpn = p.b.qp->qp_num;
 		wr.wr.ud.remote_qkey = QKEY;
@@ -390,13 +397,9 @@ static int ud_reply_from_wc(void)
 	fill(p.b.buf + 4096, len, 6);
 	if (post_recv(&p.b, 7, 0, 40 + len) || post_recv(&p.a, 8, 8192, 40 + len))
 		goto out;
-	struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
-				  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
-	ah = ibv_create_ah(p.pd, &aa);
-	if (!ah) {
-		fail("ibv_create_ah: %s", strerror(errno));
+	ah = ah_to_self(p.pd);
+	if (!ah)
 		goto out;
-	}
 	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = len, .lkey = p.a.mr->lkey };
 	struct ibv_send_wr wr = { .wr_id = 1, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND,
 				  .send_flags = IBV_SEND_SIGNALED };
@@ -1191,10 +1194,9 @@ static int ud_message_too_long(void)
 
 	if (pair_open(&p, IBV_QPT_UD, 7) || post_recv(&p.b, 110, 0, 40 + mtu + 64))
 		goto out;
-	struct ibv_ah_attr aa = { .is_global = 1, .port_num = 1,
-				  .grh = { .dgid = gid, .sgid_index = gid_index, .hop_limit = 1 } };
-	ah = ibv_create_ah(p.pd, &aa);
-	CHECK(ah, "ibv_create_ah: %s", strerror(errno));
+	ah = ah_to_self(p.pd);
+	if (!ah)
+		goto out;
 	struct ibv_sge sge = { .addr = (uintptr_t)p.a.buf, .length = mtu + 1, .lkey = p.a.mr->lkey };
 	struct ibv_send_wr wr = { .wr_id = 111, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED };
 
