@@ -1,8 +1,9 @@
 /**
- * The guest driver does not trust its device. One guest boots with fourteen
- * vhost-user-rdma-pci devices: one honest, the others each telling the
+ * The guest driver does not trust its device. One guest boots with fifteen
+ * vhost-user-rdma-pci devices: one honest, thirteen each telling the
  * driver one lie (test/vm/lying-device.ts) — in config space, in a control
- * answer (values, status, used length, no answer at all) or in CQEs. The
+ * answer (values, status, used length, no answer at all) or in CQEs — and
+ * one older device without VIRTIO_RDMA_F_IB_GRH, which must still work. The
  * honest device runs ibv_rc_pingpong before and after the lies; each lying
  * device gets the same attempt. The driver must refuse every lie with its
  * logged reason, fail the verb (or drop the CQE) instead of using the value,
@@ -16,7 +17,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Cmd } from '../../backend/abi/constants.js';
+import { Cmd, VIRTIO_RDMA_F_IB_GRH } from '../../backend/abi/constants.js';
 import { CreateCqResp, CreateQpResp, CtrlStatus, Cqe, DeviceConfig, MrResp, QueryDeviceResp, QueryPortResp } from '../../backend/abi/structs.js';
 import { RdmaDevice } from '../../backend/device/rdma-device.js';
 import { LoopbackEngine } from '../../backend/engines/loopback/loopback-engine.js';
@@ -41,7 +42,7 @@ interface Case {
   name: string;
   lie: Lie;
   /** When the lie bites: at probe (no ib_device), in a verb (the tools fail at once), or in CQEs (the tools wait for completions that never come). */
-  bites: 'probe' | 'verb' | 'cqe' | 'never';
+  bites: 'probe' | 'verb' | 'cqe' | 'never' | 'older';
   /** The driver's logged reason (after "virtio_rdma virtioN: "). */
   dmesg: RegExp | null;
 }
@@ -121,6 +122,12 @@ const CASES: Case[] = [
     dmesg: /cqn \d+: malformed CQE \(status \d+ opcode 238 flags 0x[0-9a-f]+\) dropped/,
   },
   { name: 'cqe-length', lie: { cqe: () => 7 }, bites: 'cqe', dmesg: /cqn \d+: CQE with used length 7 dropped/ },
+  {
+    name: 'no-ib-grh',
+    lie: { hideFeatures: 1n << BigInt(VIRTIO_RDMA_F_IB_GRH) },
+    bites: 'older',
+    dmesg: /virtio_rdma\d+: .*; the device lacks VIRTIO_RDMA_F_IB_GRH: UD GRHs from IPv4 GIDs will not parse as IB GRHs/,
+  },
 ];
 
 const pciSlot = (i: number): string => (0x08 + i).toString(16).padStart(2, '0');
@@ -155,7 +162,7 @@ pingpong() {
 }
 map loaded
 pingpong 08:honest-before:18599 20
-for c in ${byBite('probe')} ${byBite('verb')}; do pingpong $c 20; done
+for c in ${byBite('probe')} ${byBite('verb')} ${byBite('older')}; do pingpong $c 20; done
 for c in ${byBite('cqe')}; do pingpong $c ${STALL_S} & done
 wait
 pingpong 08:honest-after:18598 20
@@ -258,6 +265,11 @@ describe('virtio_rdma.ko against devices that lie (config space, control answers
         case 'never':
           expect(ibdev, c.name).toMatch(/^virtio_rdma\d+$/);
           break;
+        case 'older':
+          // A device without the feature still works (RC is untouched); the driver says what UD loses.
+          expect(ibdev, c.name).toMatch(/^virtio_rdma\d+$/);
+          expect(pp, c.name).toBe('server=0 client=0');
+          break;
       }
       if (c.dmesg !== null) {
         const reason = new RegExp(`^K virtio_rdma ${vdev}: ${c.dmesg.source}`, 'm');
@@ -266,7 +278,8 @@ describe('virtio_rdma.ko against devices that lie (config space, control answers
       // Each lie was actually told (the honest device told none).
       const n = devices[i]!.counts;
       const told = n.config + n.answers + n.withheld + n.cqes;
-      if (c.bites === 'never') expect(told).toBe(0);
+      // (hiding a feature bit is decided before the driver looks: nothing to count)
+      if (c.bites === 'never' || c.bites === 'older') expect(told).toBe(0);
       else expect(told, `${c.name}: ${JSON.stringify(n)}`).toBeGreaterThan(0);
     }
 

@@ -17,6 +17,8 @@ import type { DescriptorChain } from '../../virtio/queue/descriptor-chain.js';
 import type { SplitVirtqueue } from '../../virtio/queue/split-queue.js';
 
 export interface Lie {
+  /** Device feature bits to hide (an older device that does not offer them). */
+  hideFeatures?: bigint;
   /** Rewrites the whole config space (QEMU re-reads it on every guest access). */
   config?(bytes: Uint8Array): void;
   /**
@@ -61,7 +63,7 @@ export class LyingRdmaDevice implements VirtioDevice {
     this.deviceId = rdma.deviceId;
     this.numQueues = rdma.numQueues;
     this.maxQueueSize = rdma.maxQueueSize;
-    this.features = rdma.features;
+    this.features = rdma.features & ~(lie.hideFeatures ?? 0n);
     this.configSize = rdma.configSize;
   }
 
