@@ -1,37 +1,33 @@
-import { afterEach, describe, expect, it } from 'vitest';
-import { Logger } from '../../virtio/log.js';
-import { openPeerSession, type PeerSession } from './peer-session.js';
+import { describe, expect, it } from 'vitest';
 import { runPerf, type PerfOptions, type PerfVerb } from './perftest.js';
+import { peerSessions } from './test-sessions.js';
 
-const ROCE_PORT = 30000 + Math.floor(Math.random() * 20000);
 let tcpPort = 30000 + Math.floor(Math.random() * 20000);
-const sessions: PeerSession[] = [];
-
-function session(address: string): PeerSession {
-  const s = openPeerSession({ address, rocePort: ROCE_PORT, log: new Logger('error') });
-  sessions.push(s);
-  return s;
-}
-
-afterEach(() => {
-  for (const s of sessions.splice(0)) s.close();
-});
+const session = peerSessions();
 
 function opts(verb: PerfVerb, port: number, over: Partial<PerfOptions>): PerfOptions {
   return { verb, server: null, port, size: 8192, iters: 64, txDepth: 16, rxDepth: 32, mtu: 1024, gidIndex: 0, outReads: 4, timeoutMs: 10_000, listenAddress: '127.0.0.1', out: () => {}, ...over };
 }
 
+/**
+ * A server on `serverAddress` and a client on `clientAddress`, the client
+ * started once the server listens; both results and what each printed.
+ */
+async function runPair(verb: PerfVerb, serverAddress: string, clientAddress: string, over: Partial<PerfOptions> = {}) {
+  const port = tcpPort++;
+  let listening!: () => void;
+  const ready = new Promise<void>((r) => (listening = r));
+  const serverLines: string[] = [];
+  const clientLines: string[] = [];
+  const server = runPerf(session(serverAddress), opts(verb, port, { ...over, onListening: listening, out: (l) => serverLines.push(l) }));
+  await ready;
+  const client = await runPerf(session(clientAddress), opts(verb, port, { ...over, server: '127.0.0.1', out: (l) => clientLines.push(l) }));
+  return { client, srv: await server, clientLines, serverLines };
+}
+
 describe('vrdma perf against itself over loopback UDP', () => {
   it.each(['write', 'read', 'send'] as const)('%s: the client finishes every iteration and the server learns its report', async (verb) => {
-    const port = tcpPort++;
-    const a = session('127.0.78.1');
-    const b = session('127.0.78.2');
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const server = runPerf(a, opts(verb, port, { onListening: listening }));
-    await ready;
-    const client = await runPerf(b, opts(verb, port, { server: '127.0.0.1' }));
-    const srv = await server;
+    const { client, srv } = await runPair(verb, '127.0.78.1', '127.0.78.2');
     expect(client.report.iterations).toBe(64n);
     expect(client.report.size).toBe(8192n);
     expect(client.report.bwAvg).toBeGreaterThan(0);
@@ -43,17 +39,7 @@ describe('vrdma perf against itself over loopback UDP', () => {
   });
 
   it('send-lat: both sides ping-pong every iteration and print latencies from their own send times', async () => {
-    const port = tcpPort++;
-    const a = session('127.0.78.4');
-    const b = session('127.0.78.5');
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const serverLines: string[] = [];
-    const clientLines: string[] = [];
-    const server = runPerf(a, opts('send-lat', port, { size: 64, iters: 50, onListening: listening, out: (l) => serverLines.push(l) }));
-    await ready;
-    const client = await runPerf(b, opts('send-lat', port, { size: 64, iters: 50, server: '127.0.0.1', out: (l) => clientLines.push(l) }));
-    const srv = await server;
+    const { client, srv, clientLines, serverLines } = await runPair('send-lat', '127.0.78.4', '127.0.78.5', { size: 64, iters: 50 });
     for (const [r, lines] of [[client, clientLines], [srv, serverLines]] as const) {
       const l = r.latency!;
       expect(l.size).toBe(64);
@@ -73,37 +59,18 @@ describe('vrdma perf against itself over loopback UDP', () => {
   });
 
   it('write-lat: each side writes the count into the last byte of the other side\'s landing area and waits for the next one', async () => {
-    const port = tcpPort++;
-    const a = session('127.0.78.6');
-    const b = session('127.0.78.7');
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const lines: string[] = [];
-    const server = runPerf(a, opts('write-lat', port, { size: 100, iters: 300, onListening: listening, out: () => {} }));
-    await ready;
-    const client = await runPerf(b, opts('write-lat', port, { size: 100, iters: 300, server: '127.0.0.1', out: (l) => lines.push(l) }));
-    const srv = await server;
+    const { client, srv, clientLines } = await runPair('write-lat', '127.0.78.6', '127.0.78.7', { size: 100, iters: 300 });
     for (const r of [client, srv]) {
       expect(r.latency!.iterations).toBe(300);
       expect(r.latency!.min).toBeGreaterThan(0);
     }
     // the landing area is what each side advertises; 300 writes wrapped the 8-bit count past 255
     expect(client.remote.vaddr).toBe(srv.local.vaddr);
-    expect(lines.join('\n')).toMatch(/^ 100\s+300\s+([\d.]+\s+){6}[\d.]+$/m);
+    expect(clientLines.join('\n')).toMatch(/^ 100\s+300\s+([\d.]+\s+){6}[\d.]+$/m);
   });
 
   it('read-lat: the client READs one at a time and prints whole round trips; the server only answers', async () => {
-    const port = tcpPort++;
-    const a = session('127.0.78.8');
-    const b = session('127.0.78.9');
-    let listening!: () => void;
-    const ready = new Promise<void>((r) => (listening = r));
-    const serverLines: string[] = [];
-    const clientLines: string[] = [];
-    const server = runPerf(a, opts('read-lat', port, { size: 256, iters: 100, onListening: listening, out: (l) => serverLines.push(l) }));
-    await ready;
-    const client = await runPerf(b, opts('read-lat', port, { size: 256, iters: 100, server: '127.0.0.1', out: (l) => clientLines.push(l) }));
-    const srv = await server;
+    const { client, srv, clientLines, serverLines } = await runPair('read-lat', '127.0.78.8', '127.0.78.9', { size: 256, iters: 100 });
     expect(client.latency!.iterations).toBe(100);
     expect(client.latency!.min).toBeGreaterThan(0);
     expect(clientLines.join('\n')).toMatch(/^ 256\s+100\s+([\d.]+\s+){6}[\d.]+$/m);

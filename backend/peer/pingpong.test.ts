@@ -1,21 +1,9 @@
-import { afterEach, describe, expect, it } from 'vitest';
-import { Logger } from '../../virtio/log.js';
-import { openPeerSession, type PeerSession } from './peer-session.js';
+import { describe, expect, it } from 'vitest';
 import { runPingpong, type PingpongOptions } from './pingpong.js';
+import { peerSessions } from './test-sessions.js';
 
-const ROCE_PORT = 30000 + Math.floor(Math.random() * 20000);
 const TCP_PORT = 30000 + Math.floor(Math.random() * 20000);
-const sessions: PeerSession[] = [];
-
-function session(address: string): PeerSession {
-  const s = openPeerSession({ address, rocePort: ROCE_PORT, log: new Logger('error') });
-  sessions.push(s);
-  return s;
-}
-
-afterEach(() => {
-  for (const s of sessions.splice(0)) s.close();
-});
+const session = peerSessions();
 
 function opts(over: Partial<PingpongOptions>): PingpongOptions {
   return { server: null, port: TCP_PORT, ud: false, size: 4096, iters: 50, mtu: 1024, rxDepth: 500, gidIndex: 0, timeoutMs: 10_000, listenAddress: '127.0.0.1', out: () => {}, ...over };
