@@ -1,7 +1,7 @@
 /**
- * `vrdma perf write|read|send|send-lat|write-lat`: the other end of
- * perftest's ib_write_bw, ib_read_bw, ib_send_bw, ib_send_lat and
- * ib_write_lat (RC, one QP, the TCP
+ * `vrdma perf write|read|send|send-lat|write-lat|read-lat`: the other end
+ * of perftest's ib_write_bw, ib_read_bw, ib_send_bw, ib_send_lat,
+ * ib_write_lat and ib_read_lat (RC, one QP, the TCP
  * "ethernet" exchange of perftest 4.5-0.17, see perftest-message.ts). The
  * step order, measured on the stock tools:
  *
@@ -100,9 +100,10 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
   const isClient = opts.server !== null;
   if (!Number.isInteger(opts.size) || opts.size < 1) throw new PeerError(`--size ${opts.size} must be a positive integer`);
   if (!Number.isInteger(opts.iters) || opts.iters < 1) throw new PeerError(`--iters ${opts.iters} must be a positive integer`);
-  const lat = opts.verb === 'send-lat' || opts.verb === 'write-lat';
+  const pingPong = opts.verb === 'send-lat' || opts.verb === 'write-lat';
   const readLat = opts.verb === 'read-lat';
-  if ((lat || readLat) && opts.iters < 2) throw new PeerError(`${opts.verb} needs --iters of at least 2 (latencies are intervals between sends)`);
+  const reads = opts.verb === 'read' || readLat;
+  if ((pingPong || readLat) && opts.iters < 2) throw new PeerError(`${opts.verb} needs --iters of at least 2 (latencies are intervals between sends)`);
   const localGid = device.gid(opts.gidIndex);
   if (localGid === null) throw new PeerError(`no GID at index ${opts.gidIndex}`);
   const t = opts.timeoutMs;
@@ -120,23 +121,22 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     const mr = device.registerMr(bufLen, Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ);
     const qpn = device.createQp(QpType.RC, opts.txDepth, opts.rxDepth);
     device.modifyQp(qpn, { state: QpState.INIT, pkeyIndex: 0, accessFlags: Access.REMOTE_WRITE | Access.REMOTE_READ | Access.LOCAL_WRITE });
-    const outReads = opts.verb === 'read' || readLat ? opts.outReads : 1;
+    const outReads = reads ? opts.outReads : 1;
     // write-lat: the peer writes into the second half (ib_write_lat polls there too); the first is what we write.
     const landingOffset = opts.verb === 'write-lat' ? bufLen / 2 : 0;
     const local: PerftestKeys = { lid: 0, outReads, qpn, psn: randomPsn(), rkey: mr.rkey, vaddr: mr.addr + BigInt(landingOffset), gid: localGid, srqn: 0 };
     opts.out(keyLine('local', local));
-    const keys = (): Promise<Uint8Array> => ch.exchange(isClient, encodeKeys(local), t, 'the perftest keys message');
+    const keys = (timeoutMs = t): Promise<Uint8Array> => ch.exchange(isClient, encodeKeys(local), timeoutMs, 'the perftest keys message');
     const remote = decodeKeys(await keys());
     opts.out(keyLine('remote', remote));
 
     const av: AddressVector = { dgid: remote.gid, sgidIndex: opts.gidIndex, hopLimit: 1, trafficClass: 0, flowLabel: 0, sl: 0 };
-    const reads = opts.verb === 'read' || readLat;
     device.modifyQp(qpn, { state: QpState.RTR, av, pathMtu: mtu, destQpn: remote.qpn, rqPsn: remote.psn, maxDestRdAtomic: reads ? outReads : 1, minRnrTimer: 12 });
     device.modifyQp(qpn, { state: QpState.RTS, timeout: 14, retryCnt: 7, rnrRetry: 7, sqPsn: local.psn, maxRdAtomic: reads ? Math.min(outReads, remote.outReads || 1) : 1 });
 
     // Receives for send are up before the client can start (it starts after keys #4).
     // send-lat: both sides receive, into the second half of the buffer.
-    const recvSges = [mr.sge(lat ? bufLen / 2 : 0, opts.size)];
+    const recvSges = [mr.sge(pingPong ? bufLen / 2 : 0, opts.size)];
     let posted = 0;
     if ((opts.verb === 'send' && !isClient) || opts.verb === 'send-lat') {
       for (; posted < Math.min(opts.rxDepth, opts.iters); posted++) device.postRecv(qpn, BigInt(posted), recvSges);
@@ -147,19 +147,12 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
     let report: PerftestReport;
     let remoteReport: PerftestReport | null = null;
     let latency: LatencyStats | null = null;
-    let closed = false;
     if (readLat) {
       await keys(); // #4: both ready
-      if (isClient) {
-        const times = await runReads(device, qpn, opts, mr.sge(0, opts.size), remote);
-        latency = latencyStats(opts.size, times, 1);
-      } else {
-        // The server only answers READs; it waits in keys #5 for the client's whole run.
-        await ch.exchange(false, encodeKeys(local), runDeadline(opts), 'the client\'s end-of-test message'); // #5
-        closed = true;
-      }
+      // The server only answers READs (it then waits in keys #5 for the client's whole run).
+      if (isClient) latency = latencyStats(opts.size, await runReads(device, qpn, opts, mr.sge(0, opts.size), remote), 1);
       report = { size: BigInt(opts.size), iterations: BigInt(opts.iters), bwPeak: 0, bwAvg: 0, msgRate: 0 };
-    } else if (lat) {
+    } else if (pingPong) {
       await keys(); // #4: both sides' receives are posted
       const start = performance.now();
       const times =
@@ -215,7 +208,7 @@ export async function runPerf(session: Pick<PeerSession, 'device'>, opts: PerfOp
       opts.out(latency ? latencyLine(latency) : reportLine(report));
     }
     if (opts.verb !== 'write-lat') {
-      if (!closed) await keys(); // #5: close
+      await keys(readLat && !isClient ? runDeadline(opts) : t); // #5: close
       ch.write(PERFTEST_DONE);
     }
     return { report, remoteReport, latency, local, remote, mtu };
