@@ -30,7 +30,6 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
-mkdir -p "$CACHE_ROOT"
 # shellcheck source=flavour.sh
 . "$HERE/flavour.sh"
 export VRDMA_GUEST_FLAVOUR=$FLAVOUR # virtio-rdma.sh builds for the same kernel

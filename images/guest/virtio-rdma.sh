@@ -39,7 +39,6 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC=$(cd "$HERE/../../native/guest/virtio_rdma" && pwd)
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
-mkdir -p "$CACHE_ROOT"
 # shellcheck source=flavour.sh
 . "$HERE/flavour.sh"
 MOD=virtio_rdma
