@@ -75,11 +75,31 @@ afterEach(async () => {
 /** A victim RC QP whose far end is the attacker, in `state` (RTS unless told). */
 function victimQp(over: Partial<QpAttributes> = {}, upTo = QpState.RTS, type = QpType.RC): number {
   const qpn = v.engine.createQp({ type, pdn: PD, maxSendWr: 16, maxRecvWr: 16 }, null, () => false)!;
+  bringUpVictim(qpn, over, upTo);
+  return qpn;
+}
+
+/** RESET -> ... -> `upTo` towards the attacker, expecting PSN EPSN. */
+function bringUpVictim(qpn: number, over: Partial<QpAttributes> = {}, upTo = QpState.RTS): void {
   for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) {
     if (state > upTo) break;
     v.engine.modifyQp(qpn, rcAttrs({ state, destQpn: ATTACKER_QPN, av: avTo(ipv4Gid(ATTACKER)), rqPsn: EPSN, sqPsn: 0x200, accessFlags: Access.REMOTE_WRITE | Access.REMOTE_READ | Access.REMOTE_ATOMIC, qkey: 0x1111, ...over }), 0);
   }
-  return qpn;
+}
+
+/** A victim the fuzz drove to ERR comes back through RESET, so every path stays reachable. */
+function reviveVictim(qpn: number, over: Partial<QpAttributes> = {}): void {
+  v.engine.modifyQp(qpn, rcAttrs({ state: QpState.RESET }), 0);
+  bringUpVictim(qpn, over);
+}
+
+/** A seeded generator of integers in [0, n): FUZZ_SEED replays another sequence. */
+function seededRandom(defaultSeed: number): (n: number) => number {
+  let seed = Number(process.env.FUZZ_SEED ?? defaultSeed);
+  return (n) => {
+    seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+    return (seed >>> 8) % n;
+  };
 }
 
 function qpState(qpn: number): QpState | undefined {
@@ -504,18 +524,9 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
   it('2,000 seeded random messages (every request kind, split by the MTU, some packets mutated or dropped, keys and ranges in and around the MR): nothing throws, nothing outside the MR changes, other QPs unaffected', async () => {
     const healthy = healthyTraffic();
     const { mr, before } = target();
-    let seed = Number(process.env.FUZZ_SEED ?? 0x5eed);
-    const rnd = (n: number): number => {
-      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
-      return (seed >>> 8) % n;
-    };
+    const rnd = seededRandom(0x5eed);
     const accessSets = [ALL_ACCESS, Access.REMOTE_READ, Access.REMOTE_WRITE, Access.REMOTE_ATOMIC | Access.REMOTE_WRITE];
     const kinds = [QpType.RC, QpType.RC, QpType.RC, QpType.UC, QpType.UD];
-    const up = (qpn: number): void => {
-      for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) {
-        v.engine.modifyQp(qpn, rcAttrs({ state, destQpn: ATTACKER_QPN, av: avTo(ipv4Gid(ATTACKER)), rqPsn: EPSN, sqPsn: 0x200, accessFlags: accessSets[rnd(accessSets.length)]!, qkey: 0x1111 }), 0);
-      }
-    };
     const victims = kinds.map((type) => victimQp({}, QpState.RTS, type));
     const recvBuf = region(v, 4 * MTU);
     const allOpcodes = [...Object.values(Opcode)].filter((o) => typeof o === 'number') as number[];
@@ -539,9 +550,7 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
       await settle();
       const saved = decodeState(v.engine.saveState()).qps.find((q) => q.qpn === qpn)!;
       if (saved.attrs.state === QpState.ERR) {
-        // Back through RESET, so every path stays reachable.
-        v.engine.modifyQp(qpn, rcAttrs({ state: QpState.RESET }), 0);
-        up(qpn);
+        reviveVictim(qpn, { accessFlags: accessSets[rnd(accessSets.length)]! });
         continue;
       }
       if (rnd(3) === 0 && saved.rq.length < 8) postRecv(v, qpn, [recvBuf.sge(rnd(2) * MTU, rnd(3) * MTU)]);
@@ -607,21 +616,12 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
 
   it('1,500 seeded random responses (ACKs, NAKs of every syndrome, READ responses, ATOMIC ACKs, at and around the PSNs the victim sent) to a requester with WRITEs, READs, SENDs and atomics outstanding: nothing throws, nothing outside the local MR changes, every WR completes once', async () => {
     const healthy = healthyTraffic();
-    let seed = Number(process.env.FUZZ_SEED ?? 0xacc);
-    const rnd = (n: number): number => {
-      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
-      return (seed >>> 8) % n;
-    };
+    const rnd = seededRandom(0xacc);
     const local = region(v, 4 * MTU, ALL_ACCESS, LEAD);
     fillPattern(local.span, 0x10ca1);
     const localBefore = local.span.slice();
-    const qx = victimQp({ timeout: 10, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 });
-    const revive = (): void => {
-      v.engine.modifyQp(qx, rcAttrs({ state: QpState.RESET }), 0);
-      for (const state of [QpState.INIT, QpState.RTR, QpState.RTS]) {
-        v.engine.modifyQp(qx, rcAttrs({ state, destQpn: ATTACKER_QPN, av: avTo(ipv4Gid(ATTACKER)), rqPsn: EPSN, sqPsn: 0x200, accessFlags: ALL_ACCESS, timeout: 10, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 }), 0);
-      }
-    };
+    const requester: Partial<QpAttributes> = { timeout: 10, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 };
+    const qx = victimQp(requester);
     const postSome = (): void => {
       for (let i = 0; i < 4; i++) {
         const kind = rnd(4);
@@ -642,7 +642,7 @@ describe('remote attacks on a soft-RoCE RC responder', () => {
       const saved = decodeState(v.engine.saveState()).qps.find((q) => q.qpn === qx)!;
       if (saved.attrs.state === QpState.ERR) {
         await sleep(1);
-        revive();
+        reviveVictim(qx, requester);
         sentPsns = [];
         continue;
       }
