@@ -254,12 +254,8 @@ export class Responder {
   /** A finished SEND, or WRITE with immediate, completes the head receive WQE. */
   private deliver(qp: RoceQp, pkt: RocePacket, msg: InMessage, isSend: boolean, withImm: boolean): void {
     if (!isSend && !withImm) return;
-    const entry = isSend ? msg.entry : qp.rq[0];
-    if (entry === null || entry === undefined) {
-      // Unreachable by the checks above; a malformed request must never take the engine down.
-      this.core.host().log.warn(`${qp.name}: a finished message has no receive WQE to complete; QP to ERR`);
-      return this.invalid(qp, 'no receive WQE for a finished message');
-    }
+    // A SEND took its WQE at the first packet, a WRITE with immediate was RNR-NAKed without one.
+    const entry = isSend ? msg.entry! : qp.rq[0]!;
     qp.rq.shift();
     const c = recvCompletion(WcStatus.SUCCESS, isSend ? WcOpcode.RECV : WcOpcode.RECV_RDMA_WITH_IMM, msg.offset, withImm ? WcFlag.WITH_IMM : 0, withImm ? pkt.immDt.imm : 0, qp.attrs.destQpn);
     c.solicited = pkt.bth.se;
