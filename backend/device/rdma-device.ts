@@ -223,7 +223,10 @@ export class RdmaDevice implements VirtioDevice {
   saveState(): Uint8Array {
     // Before a driver started there are no objects: an empty table set migrates an idle VM.
     const res = this.res ?? new Resources(this.limits, new MrTable(this.limits.maxMr, new GuestMemory(1), this.limits.maxMrSize));
-    return saveDeviceState(res, this.engine);
+    const state = saveDeviceState(res, this.engine);
+    // The destination takes the address over from here; a failed migration resumes this device (handleQueue).
+    this.engine.handOver();
+    return state;
   }
 
   loadState(state: Uint8Array): void {

@@ -191,7 +191,17 @@ export interface Engine {
   postRecv(qpn: number, wr: RecvWr, token: number): void;
   /** Rings stopped (migration, disconnect): no more guest-memory writes until resume. */
   suspend(): void;
+  /**
+   * Runs again after suspend() or handOver(): takes the network address back
+   * if it was given up, and sends what is unacknowledged at once (a
+   * destination right after a load, a source whose migration failed).
+   */
   resume(): void;
+  /**
+   * The state just saved now belongs to another back-end (migration): stop
+   * answering the network and give up the device's address until resume().
+   */
+  handOver(): void;
   /** Transport state (PSNs, queued WRs and their tokens, timers as deadlines) as plain versioned bytes. */
   saveState(): Uint8Array;
   loadState(state: Uint8Array): void;

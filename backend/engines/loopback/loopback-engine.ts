@@ -208,6 +208,9 @@ export class LoopbackEngine implements Engine {
     this.scheduleIfWork();
   }
 
+  /** Nothing to give up: loopback traffic never leaves the device. */
+  handOver(): void {}
+
   // ---------------------------------------------------------------------------
   // State
 

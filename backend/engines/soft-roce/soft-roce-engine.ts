@@ -274,6 +274,10 @@ export class SoftRoceEngine implements Engine, RoceCore {
     this.responder.resumeReads();
   }
 
+  handOver(): void {
+    this.suspended = true;
+  }
+
   saveState(): Uint8Array {
     const now = Date.now();
     const qps: SavedQp[] = [...this.qps.values()].map((qp) => ({
