@@ -97,7 +97,11 @@ export class RdmaDevice implements VirtioDevice {
   private ctx: DeviceContext | null = null;
   private res: Resources | null = null;
   private control: ControlPlane | null = null;
-  private suspended = false;
+  /**
+   * The engine waits for resume() (the first ring run), which is when a
+   * migration's destination takes the RoCE address over.
+   */
+  private suspended = true;
   private readonly chain = new DescriptorChain();
   private readonly cqChain = new DescriptorChain();
   private readonly scratch = new Uint8Array(4096 + SEND_HDR);
@@ -216,7 +220,7 @@ export class RdmaDevice implements VirtioDevice {
     this.control = null;
     this.ctx = null;
     this.memoryAccess = null;
-    this.suspended = false;
+    this.suspended = true;
     this.grhLayout = 'rocev2'; // features are negotiated again
   }
 

@@ -308,6 +308,20 @@ export class Completer {
     }
   }
 
+  /**
+   * Sends everything unacknowledged again now, without counting a retry:
+   * the engine runs again after a blackout (a migration's destination right
+   * after the load, or a source whose migration failed), and what its peer
+   * answered meanwhile was dropped.
+   */
+  resendUnacked(qp: RoceQp): void {
+    if (qp.attrs.state !== QpState.RTS || qp.rnrWaiting) return;
+    const head = qp.sq[0];
+    if (head === undefined || head.firstPsn < 0) return;
+    qp.wentBackTo = -1;
+    this.retransmit(qp, qp.unackedPsn);
+  }
+
   private retransmit(qp: RoceQp, psn: number): void {
     this.core.stats.retransmits++;
     this.rewind(qp, psn);

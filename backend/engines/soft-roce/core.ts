@@ -22,10 +22,13 @@ export interface SoftRoceStats {
   packetsSent: number;
   /** Datagrams whose handling threw (a bug): the QP went to ERR, the engine kept running. */
   internalErrors: number;
+  /** While suspended (migration blackout): requests answered with RNR NAK, and datagrams dropped. */
+  blackoutRnrNaks: number;
+  blackoutDropped: number;
 }
 
 export function newStats(): SoftRoceStats {
-  return { malformed: 0, badIcrc: 0, noQp: 0, ignored: 0, retransmits: 0, rnrNaks: 0, naksSent: 0, packetsSent: 0, internalErrors: 0 };
+  return { malformed: 0, badIcrc: 0, noQp: 0, ignored: 0, retransmits: 0, rnrNaks: 0, naksSent: 0, packetsSent: 0, internalErrors: 0, blackoutRnrNaks: 0, blackoutDropped: 0 };
 }
 
 export interface RoceCore {

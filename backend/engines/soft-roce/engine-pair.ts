@@ -216,7 +216,7 @@ export async function until(cond: () => boolean, ms = 3000, what = 'condition'):
 export function kernelDrops(s: Side): number {
   const [a0, a1, a2, a3] = s.address.split('.').map(Number) as [number, number, number, number];
   const hex = (n: number, w: number): string => n.toString(16).toUpperCase().padStart(w, '0');
-  const key = `${hex(a3, 2)}${hex(a2, 2)}${hex(a1, 2)}${hex(a0, 2)}:${hex(s.engine.transport.local.port, 4)}`;
+  const key = `${hex(a3, 2)}${hex(a2, 2)}${hex(a1, 2)}${hex(a0, 2)}:${hex(s.engine.link.local.port, 4)}`;
   const line = readFileSync('/proc/net/udp', 'utf8')
     .split('\n')
     .find((l) => l.trim().split(/\s+/)[1] === key);

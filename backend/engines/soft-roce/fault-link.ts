@@ -189,7 +189,7 @@ export class FaultLink {
   }
 
   private emit(bytes: Uint8Array): void {
-    const transport = this.engine.transport;
+    const transport = this.engine.link;
     if (!transport.isClosed) transport.queue(this.to, bytes);
   }
 }

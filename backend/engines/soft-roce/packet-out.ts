@@ -11,7 +11,15 @@ import type { IcrcPath } from './icrc.js';
 import { Opcode } from './opcodes.js';
 import { MAX_MTU, RocePacket, encodePacket } from './packet.js';
 import type { RoceQp } from './roce-qp.js';
-import type { UdpPeer, UdpTransport } from './udp-transport.js';
+import type { UdpPeer } from './udp-transport.js';
+
+/** Where built packets go: the device's RoCE address (roce-address.ts). */
+export interface DatagramSender {
+  readonly local: UdpPeer;
+  /** False when the datagram was dropped. */
+  queue(dst: UdpPeer, bytes: Uint8Array): boolean;
+  flush(): number;
+}
 
 /** Room for the largest header set plus MTU payload, pad and ICRC. */
 const STAGING = MAX_MTU + 128;
@@ -40,7 +48,7 @@ export class PacketOut {
   capture: RoceCapture | null = null;
 
   constructor(
-    private readonly transport: UdpTransport,
+    private readonly transport: DatagramSender,
     private readonly stats: SoftRoceStats,
   ) {}
 

@@ -117,7 +117,7 @@ describe('RC retransmission', () => {
     b.engine.outgoingHook = (x) => {
       if (x[0] === Opcode.RC_ACKNOWLEDGE && (x[12]! & 0x60) === 0x60) {
         naks.push(x.slice());
-        b.engine.transport.queue(a.engine.local, x.slice());
+        b.engine.link.queue(a.engine.local, x.slice());
       }
       return true;
     };
@@ -127,7 +127,7 @@ describe('RC retransmission', () => {
     await until(() => a.host.sends.length === 1);
     expect(naks.length).toBe(1);
     expect(a.engine.stats.retransmits).toBe(1);
-    b.engine.transport.queue(a.engine.local, naks[0]!); // stale now: every PSN it names is acknowledged
+    b.engine.link.queue(a.engine.local, naks[0]!); // stale now: every PSN it names is acknowledged
     postSend(a, qa, { opcode: SendOp.SEND, sges: [src.sge(4096, 4096)] });
     await until(() => a.host.sends.length === 2 && b.host.recvs.length === 2);
     allSucceeded(a);

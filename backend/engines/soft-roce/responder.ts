@@ -360,6 +360,11 @@ export class Responder {
     this.core.out.flush();
   };
 
+  /** A loaded QP has READ responses left: they go on once the engine runs (resumeReads). */
+  continueReads(qp: RoceQp): void {
+    this.reading.add(qp);
+  }
+
   /** After the engine resumes: READ responses left when it was suspended go on. */
   resumeReads(): void {
     if (this.reading.size > 0 && !this.readTurnScheduled) {

@@ -35,9 +35,11 @@ import { PacketOut } from './packet-out.js';
 import { RocePacket, decodePacket } from './packet.js';
 import { Requester } from './requester.js';
 import { Responder } from './responder.js';
-import { PSN_MASK, RoceQp, type SendEntry, isAtomicOp, recvCompletion } from './roce-qp.js';
+import { PSN_MASK, RoceQp, type SendEntry, isAtomicOp, psnDiff, recvCompletion } from './roce-qp.js';
 import { decodeState, encodeState, type SavedQp } from './state.js';
-import { ROCEV2_UDP_PORT, UdpTransport, type UdpBatch, type UdpPeer, peerAddress, udpPeer } from './udp-transport.js';
+import { RoceAddress, type AddressHooks } from './roce-address.js';
+import { Syndrome } from './headers.js';
+import { ROCEV2_UDP_PORT, type UdpBatch, type UdpPeer, peerAddress, udpPeer } from './udp-transport.js';
 
 export { gidToAddress, ipv4Gid } from './addressing.js';
 export type { SoftRoceStats } from './core.js';
@@ -58,7 +60,25 @@ export interface SoftRoceOptions {
   remotePort?: number;
   /** Sees every datagram sent and received (see capture.ts); the engine does not close it. */
   capture?: RoceCapture | null;
+  /**
+   * An incoming migration's destination: the address is taken when the VM
+   * first runs here (after the state is loaded), not at construction, since
+   * the source still holds it.
+   */
+  incoming?: boolean;
+  /** Commands run around taking and giving up the address. */
+  hooks?: AddressHooks;
+  /** Where the address reports what it survived (busy address, failed hooks). */
+  warn?: (line: string) => void;
 }
+
+/**
+ * The RNR NAK timer code (IBTA table 45) a suspended engine answers
+ * requests with: 1.28 ms. Peers with rnr_retry 7 (ibv_rc_pingpong,
+ * perftest) wait indefinitely without burning retry_cnt, and come back
+ * soon after the VM runs again.
+ */
+export const BLACKOUT_RNR_TIMER = 14;
 
 function sameAddress(a: UdpPeer, b: UdpPeer): boolean {
   return a.family === b.family && a.words[0] === b.words[0] && a.words[1] === b.words[1] && a.words[2] === b.words[2] && a.words[3] === b.words[3];
@@ -67,10 +87,14 @@ function sameAddress(a: UdpPeer, b: UdpPeer): boolean {
 export class SoftRoceEngine implements Engine, RoceCore {
   readonly name = 'soft-roce';
   readonly stats: SoftRoceStats = newStats();
-  readonly transport: UdpTransport;
+  /** The device's RoCE address (the VM's GID), held while the VM runs on this back-end. */
+  readonly link: RoceAddress;
   readonly out: PacketOut;
   readonly remotePort: number;
+  /** No guest memory is touched and nothing is sent: rings stopped, or the address is not held (yet). */
   suspended = false;
+  /** resume() was asked for while the address was not held: it completes once the address is taken. */
+  private resumeWanted = false;
   private attached: EngineHost | null = null;
   private readonly qps = new Map<number, RoceQp>();
   private nextQpn = FIRST_QPN;
@@ -86,15 +110,17 @@ export class SoftRoceEngine implements Engine, RoceCore {
   constructor(options: SoftRoceOptions) {
     const port = options.port ?? ROCEV2_UDP_PORT;
     this.remotePort = options.remotePort ?? port;
-    this.transport = new UdpTransport({ address: options.address, port });
-    this.out = new PacketOut(this.transport, this.stats);
-    this.icrc = new IcrcVerifier(this.transport.local);
+    this.link = new RoceAddress({ address: options.address, port, ...(options.hooks ? { hooks: options.hooks } : {}), ...(options.warn ? { warn: options.warn } : {}) });
+    if (options.incoming === true) this.suspended = true;
+    else this.link.bindNow();
+    this.out = new PacketOut(this.link, this.stats);
+    this.icrc = new IcrcVerifier(this.link.local);
     this.out.capture = options.capture ?? null;
     this.completer = new Completer(this);
     this.requester = new Requester(this, this.completer);
     this.responder = new Responder(this);
-    this.transport.onBatch((batch) => this.onBatch(batch));
-    this.transport.onError((err) => this.attached?.log.warn(`soft-roce: ${err.message}`));
+    this.link.onBatch((batch) => this.onBatch(batch));
+    this.link.onError((err) => this.attached?.log.warn(`soft-roce: ${err.message}`));
   }
 
   /** Test hook: sees (and may alter) every outgoing datagram before it is queued; returning false drops it. */
@@ -116,7 +142,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
   }
 
   get local(): UdpPeer {
-    return this.transport.local;
+    return this.link.local;
   }
 
   attach(host: EngineHost): void {
@@ -177,7 +203,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
     qp.attrs = copyAttrs(attrs);
     if (attrs.av !== null) {
       qp.peer = udpPeer(gidToAddress(attrs.av.dgid), this.remotePort);
-      qp.path = qp.peer.family === this.transport.local.family ? makePath(this.transport.local, qp.peer) : null;
+      qp.path = qp.peer.family === this.link.local.family ? makePath(this.link.local, qp.peer) : null;
     }
     switch (attrs.state) {
       case QpState.RESET:
@@ -265,17 +291,50 @@ export class SoftRoceEngine implements Engine, RoceCore {
 
   suspend(): void {
     this.suspended = true;
+    this.resumeWanted = false;
   }
 
   resume(): void {
     if (!this.suspended) return;
+    if (this.link.held) {
+      this.runAgain();
+      return;
+    }
+    if (this.resumeWanted) return;
+    this.resumeWanted = true;
+    this.attached?.log.info(`soft-roce: taking the RoCE address ${this.link.describe()}`);
+    this.link.acquire().then(
+      () => {
+        if (!this.resumeWanted || !this.link.held) return;
+        this.attached?.log.info(`soft-roce: RoCE address ${this.link.describe()} held; running`);
+        this.runAgain();
+      },
+      (err: unknown) => this.attached?.log.error(`soft-roce: cannot take the RoCE address ${this.link.describe()}: ${(err as Error).message}`),
+    );
+  }
+
+  /**
+   * Leaves the blackout: what was sent and not acknowledged goes out again
+   * at once (responses that came while suspended were dropped, and a
+   * destination's peers have been waiting), then the send queues go on.
+   */
+  private runAgain(): void {
     this.suspended = false;
-    for (const qp of this.qps.values()) this.pump(qp);
+    this.resumeWanted = false;
+    for (const qp of this.qps.values()) {
+      if (qp.type === QpType.RC) this.completer.resendUnacked(qp);
+      this.pump(qp);
+    }
     this.responder.resumeReads();
+    this.out.flush();
   }
 
   handOver(): void {
     this.suspended = true;
+    this.resumeWanted = false;
+    if (!this.link.held) return;
+    this.link.release();
+    this.attached?.log.info(`soft-roce: state handed over; RoCE address ${this.link.describe()} released`);
   }
 
   saveState(): Uint8Array {
@@ -299,6 +358,8 @@ export class SoftRoceEngine implements Engine, RoceCore {
       atomicReplay: qp.atomicReplay.map((r) => ({ ...r })),
       sq: qp.sq.map((e) => ({ ...e })),
       rq: qp.rq.map((e) => ({ ...e })),
+      readJobs: qp.readJobs.map((j) => ({ ...j })),
+      droppedWhileReading: qp.droppedWhileReading,
     }));
     return encodeState({ nextQpn: this.nextQpn, qps });
   }
@@ -314,7 +375,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
       const qp = new RoceQp(q.qpn, q.type, q.pdn, q.attrs);
       if (q.attrs.av !== null && q.type !== QpType.UD) {
         qp.peer = udpPeer(gidToAddress(q.attrs.av.dgid), this.remotePort);
-        qp.path = qp.peer.family === this.transport.local.family ? makePath(this.transport.local, qp.peer) : null;
+        qp.path = qp.peer.family === this.link.local.family ? makePath(this.link.local, qp.peer) : null;
       }
       qp.sq.push(...q.sq.map((e) => ({ ...e })));
       qp.rq.push(...q.rq.map((e) => ({ ...e })));
@@ -327,25 +388,33 @@ export class SoftRoceEngine implements Engine, RoceCore {
       qp.msn = q.msn;
       qp.nakSent = q.nakSent;
       qp.atomicReplay.push(...q.atomicReplay);
+      qp.readJobs.push(...q.readJobs);
+      qp.droppedWhileReading = q.droppedWhileReading;
+      if (qp.readJobs.length > 0) this.responder.continueReads(qp);
       if (q.inMsg !== null) qp.inMsg = { kind: q.inMsg.kind, entry: q.inMsg.hasEntry ? qp.rq[0]! : null, offset: q.inMsg.offset, va: q.inMsg.va, rkey: q.inMsg.rkey, dmaLength: q.inMsg.dmaLength };
       this.qps.set(qp.qpn, qp);
       if (q.rnrWaitMs !== null) this.completer.startRnrWait(qp, q.rnrWaitMs);
       if (q.retryMs !== null) this.completer.armRetry(qp, q.retryMs);
       loaded.push(qp);
     }
-    if (!this.suspended) for (const qp of loaded) this.pump(qp);
+    if (!this.suspended) {
+      for (const qp of loaded) this.pump(qp);
+      this.responder.resumeReads();
+    }
   }
 
   reset(): void {
     for (const qp of this.qps.values()) this.completer.clearTimers(qp);
     this.qps.clear();
     this.nextQpn = FIRST_QPN;
-    this.suspended = false;
+    // Without the address (handed over, or not yet taken) the engine stays quiet until resume() takes it.
+    this.suspended = !this.link.held;
+    this.resumeWanted = false;
   }
 
   close(): void {
     this.reset();
-    this.transport.close();
+    this.link.close();
   }
 
   // ---------------------------------------------------------------------------
@@ -354,7 +423,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
   private onBatch(batch: UdpBatch): void {
     const capture = this.out.capture;
     if (capture !== null) this.captureBatch(capture, batch);
-    if (this.attached === null || this.suspended) return;
+    if (this.attached === null) return;
     for (let i = 0; i < batch.count; i++) {
       this.out.moreInBatch = i + 1 < batch.count;
       if (batch.truncated(i)) {
@@ -387,6 +456,10 @@ export class SoftRoceEngine implements Engine, RoceCore {
         continue;
       }
       const op = pkt.opcode;
+      if (this.suspended) {
+        this.answerSuspended(qp, pkt);
+        continue;
+      }
       try {
         if (transport === TRANSPORT_UD) this.responder.onUdRequest(qp, pkt, src);
         else if (transport === TRANSPORT_UC) this.responder.onUcRequest(qp, pkt);
@@ -402,9 +475,29 @@ export class SoftRoceEngine implements Engine, RoceCore {
     }
   }
 
+  /**
+   * While suspended (the VM is stopped for a migration, or its state has not
+   * been loaded yet) no guest memory may change: an RC request at the
+   * expected PSN gets an RNR NAK, the wire's "try again later", and
+   * everything else is dropped for the peer's and our own retransmission.
+   * Nothing here changes QP state, so the state saved meanwhile is exact.
+   * (A READ still answering holds its later requests back: an RNR NAK past
+   * it would acknowledge the READ before its data went out.)
+   */
+  private answerSuspended(qp: RoceQp, pkt: RocePacket): void {
+    const op = pkt.opcode;
+    const isRequest = (op & 0xe0) === TRANSPORT_RC && !(op >= Opcode.RC_RDMA_READ_RESPONSE_FIRST && op <= Opcode.RC_ATOMIC_ACKNOWLEDGE);
+    if (isRequest && (qp.attrs.state === QpState.RTR || qp.attrs.state === QpState.RTS) && qp.readJobs.length === 0 && psnDiff(pkt.bth.psn, qp.rqPsn) === 0) {
+      this.stats.blackoutRnrNaks++;
+      this.out.ack(qp, qp.rqPsn, Syndrome.RNR_NAK | BLACKOUT_RNR_TIMER);
+      return;
+    }
+    this.stats.blackoutDropped++;
+  }
+
   /** Records every datagram of a batch as received, before any check drops it. */
   private captureBatch(capture: RoceCapture, batch: UdpBatch): void {
-    const local = this.transport.local;
+    const local = this.link.local;
     const now = captureNowMs();
     for (let i = 0; i < batch.count; i++) {
       const off = batch.offset(i);
@@ -431,7 +524,7 @@ export class SoftRoceEngine implements Engine, RoceCore {
 
   /** Diagnostics/tests: the local UDP endpoint. */
   get localAddress(): string {
-    return `${peerAddress(this.transport.local)}:${this.transport.local.port}`;
+    return `${peerAddress(this.link.local)}:${this.link.local.port}`;
   }
 }
 

@@ -10,10 +10,19 @@
 import { DeviceError } from '../../../virtio/device.js';
 import { FIRST_QPN, QPN_MASK, QpType, WcStatus } from '../../abi/constants.js';
 import type { QpAttributes, RecvWr, SendWr } from '../../engine/engine.js';
+import type { ReadJob } from './roce-qp.js';
 import { plainReader, qpAttributesToJson, recvWrToJson, sendWrToJson, type Json } from '../../engine/plain-data.js';
 
 const FORMAT = 'vrdma-soft-roce-engine';
-const VERSION = 1;
+/**
+ * Version 2 adds the responder's READs still being answered (`readJobs`,
+ * `droppedWhileReading`): a VM stopped while it sent a long READ response
+ * goes on with it at the destination, where version 1 let the peer time out
+ * and ask again. A version-1 state loads with no READs in progress.
+ */
+const VERSION = 2;
+/** Versions decodeState() reads. */
+const KNOWN_VERSIONS: readonly number[] = [1, 2];
 const MAX_QUEUE = 32768;
 const MAX_WAIT_MS = 1e10;
 const U32 = 0xffff_ffff;
@@ -60,6 +69,9 @@ export interface SavedQp {
   atomicReplay: { psn: number; original: bigint }[];
   sq: SavedSendEntry[];
   rq: { token: number; wr: RecvWr }[];
+  /** Version 2: READ responses still to send, oldest first. */
+  readJobs: ReadJob[];
+  droppedWhileReading: boolean;
 }
 
 export interface SoftRoceSnapshot {
@@ -92,6 +104,8 @@ export function encodeState(s: SoftRoceSnapshot): Uint8Array {
       atomicReplay: q.atomicReplay.map((r) => ({ psn: r.psn, original: r.original.toString() })),
       sq: q.sq.map((e) => ({ token: e.token, postError: e.postError, firstPsn: e.firstPsn, npkts: e.npkts, sent: e.sent, readPkts: e.readPkts, wr: sendWrToJson(e.wr) })),
       rq: q.rq.map((e) => ({ token: e.token, wr: recvWrToJson(e.wr) })),
+      readJobs: q.readJobs.map((j) => ({ psn: j.psn, va: j.va.toString(), rkey: j.rkey >>> 0, total: j.total, npkts: j.npkts, next: j.next })),
+      droppedWhileReading: q.droppedWhileReading,
     })),
   };
   return new TextEncoder().encode(JSON.stringify(state));
@@ -136,7 +150,10 @@ export function decodeState(bytes: Uint8Array): SoftRoceSnapshot {
   }
   const r = obj(root, 'root');
   if (r.format !== FORMAT) throw new SoftRoceStateError('format', `is not ${FORMAT}`);
-  if (r.version !== VERSION) throw new SoftRoceStateError('version', `${String(r.version)} is not ${VERSION}`);
+  if (typeof r.version !== 'number' || !KNOWN_VERSIONS.includes(r.version)) {
+    throw new SoftRoceStateError('version', `${String(r.version)} is not one this back-end reads (${KNOWN_VERSIONS.join(', ')}; it writes ${VERSION})`);
+  }
+  const version = r.version;
   const nextQpn = int(r.nextQpn, 'nextQpn', FIRST_QPN, QPN_MASK);
   const seen = new Set<number>();
   const qps = arr(r.qps, 'qps', 1 << 20).map((x, i): SavedQp => {
@@ -181,6 +198,8 @@ export function decodeState(bytes: Uint8Array): SoftRoceSnapshot {
       return { psn: int(eo.psn, `${w}.atomicReplay[${j}].psn`, 0, PSN_MAX), original: u64(eo.original, `${w}.atomicReplay[${j}].original`) };
     });
     const sendIdx = int(o.sendIdx, `${w}.sendIdx`, 0, sq.length);
+    const readJobs = version >= 2 ? decodeReadJobs(o.readJobs, `${w}.readJobs`) : [];
+    const droppedWhileReading = version >= 2 ? bool(o.droppedWhileReading, `${w}.droppedWhileReading`) : false;
     return {
       qpn,
       type,
@@ -200,7 +219,20 @@ export function decodeState(bytes: Uint8Array): SoftRoceSnapshot {
       atomicReplay,
       sq,
       rq,
+      readJobs,
+      droppedWhileReading,
     };
   });
   return { nextQpn, qps };
+}
+
+/** Version 2's READs in progress: each inside its own PSN range, at most one per responder resource. */
+function decodeReadJobs(x: unknown, where: string): ReadJob[] {
+  return arr(x, where, 256).map((e, j) => {
+    const w = `${where}[${j}]`;
+    const o = obj(e, w);
+    const npkts = int(o.npkts, `${w}.npkts`, 1, PSN_MAX);
+    const total = int(o.total, `${w}.total`, 0, 0x8000_0000);
+    return { psn: int(o.psn, `${w}.psn`, 0, PSN_MAX), va: u64(o.va, `${w}.va`), rkey: int(o.rkey, `${w}.rkey`, 0, U32), total, npkts, next: int(o.next, `${w}.next`, 0, npkts - 1) };
+  });
 }
