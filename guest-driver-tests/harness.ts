@@ -48,6 +48,8 @@ export interface SoftRoceDeviceOptions {
   address: string;
   /** UDP port to bind and to send to; default 4791. */
   port?: number;
+  /** A migration's destination: the address is taken when the device first runs (see SoftRoceOptions.incoming). */
+  incoming?: boolean;
 }
 
 /** A random UDP port in 20000..39999, for a pair of soft-RoCE devices on distinct loopback addresses. */
@@ -87,7 +89,7 @@ class InProcessDevice implements DeviceUnderTest {
     };
     const log = new Logger(opts.logLevel ?? 'info', '', sink);
     const rc = opts.softRoce;
-    this.engine = rc !== undefined ? new SoftRoceEngine({ address: rc.address, ...(rc.port !== undefined ? { port: rc.port } : {}) }) : new LoopbackEngine();
+    this.engine = rc !== undefined ? new SoftRoceEngine({ address: rc.address, ...(rc.port !== undefined ? { port: rc.port } : {}), incoming: rc.incoming === true }) : new LoopbackEngine();
     try {
       this.device = new RdmaDevice({
         engine: this.engine,

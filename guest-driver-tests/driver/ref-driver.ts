@@ -239,6 +239,12 @@ interface AhImpl extends Ah {
 
 type Config = StructValue<typeof DeviceConfig.fields>;
 
+/** What a migration's source hands on: the device state and where each ring stopped. */
+export interface SavedDevice {
+  state: Uint8Array;
+  bases: number[];
+}
+
 export class RefDriver implements Verbs {
   readonly name: string;
   readonly violations: string[] = [];
@@ -378,6 +384,13 @@ export class RefDriver implements Verbs {
    * bases. Returns the state's size in bytes.
    */
   async migrateTo(dest: VhostUserFrontend): Promise<number> {
+    const saved = await this.stopAndSave();
+    await this.loadAndRun(dest, saved);
+    return saved.state.byteLength;
+  }
+
+  /** A migration's source side, as QEMU does it once the VM is stopped: every ring stopped, then the device state saved. */
+  async stopAndSave(): Promise<SavedDevice> {
     const queues = this.allQueues();
     const bases: number[] = [];
     for (const q of queues) bases.push(await this.fe.getVringBase(q.index));
@@ -387,7 +400,16 @@ export class RefDriver implements Verbs {
     if ((saveReply & 0xffn) !== 0n) throw new DriverProtocolError(`SET_DEVICE_STATE_FD (save) failed: 0x${saveReply.toString(16)}`);
     const state = await readAllFromFd(mine);
     if ((await this.fe.checkDeviceState()) !== 0n) throw new DriverProtocolError('CHECK_DEVICE_STATE failed on the source');
+    return { state, bases };
+  }
 
+  /**
+   * The destination side: the state loaded, the rings started at the bases
+   * they stopped at, DRIVER_OK; this driver then runs there. Throws when the
+   * destination refuses the state (this driver stays on the source).
+   */
+  async loadAndRun(dest: VhostUserFrontend, saved: SavedDevice): Promise<void> {
+    const queues = this.allQueues();
     await dest.negotiate(this.fe.features, this.fe.protocolFeatures);
     await dest.setStatus(VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
     await dest.setMemTable([this.ram]);
@@ -395,13 +417,18 @@ export class RefDriver implements Verbs {
     const loadReply = await dest.setDeviceStateFd(1, theirs2);
     native.close(theirs2);
     if ((loadReply & 0xffn) !== 0n) throw new DriverProtocolError(`SET_DEVICE_STATE_FD (load) failed: 0x${loadReply.toString(16)}`);
-    await writeAllToFd(mine2, state);
+    await writeAllToFd(mine2, saved.state);
     if ((await dest.checkDeviceState()) !== 0n) throw new DriverProtocolError('CHECK_DEVICE_STATE failed on the destination');
-    for (let i = 0; i < queues.length; i++) await dest.startQueue(this.ram, queues[i]!, { base: bases[i]! });
+    for (let i = 0; i < queues.length; i++) await dest.startQueue(this.ram, queues[i]!, { base: saved.bases[i]! });
     await dest.setStatus(VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_DRIVER_OK);
     this.fe.close();
     this.fe = dest;
-    return state.byteLength;
+  }
+
+  /** A failed migration: QEMU resumes the VM on the source, whose rings start again where they stopped. */
+  async resumeHere(saved: SavedDevice): Promise<void> {
+    const queues = this.allQueues();
+    for (let i = 0; i < queues.length; i++) await this.fe.startQueue(this.ram, queues[i]!, { base: saved.bases[i]! });
   }
 
   async close(): Promise<void> {
