@@ -1,4 +1,6 @@
-import { readdirSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { native } from '../sys/native.js';
@@ -224,6 +226,69 @@ describe('vhost-user back-end', () => {
     expect(q.getUsed()).not.toBeNull();
     expect(h.ram.bytes(dst, 1)[0]).toBe(42);
     native.close(kick2);
+  });
+
+  it('refuses a kick fd that cannot be polled (a memfd, a regular file), closes it, and keeps the ring running', async () => {
+    await negotiate();
+    await h.fe.setMemTable([h.ram]);
+    const q = new DriverQueue(h.ram, 0, 16);
+    toRelease.push(() => q.release());
+    await h.fe.startQueue(h.ram, q);
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-kick-'));
+    toRelease.push(() => rmSync(dir, { recursive: true, force: true }));
+    const memfd = native.memfdCreate('not-a-kick', 0);
+    const file = openSync(join(dir, 'kick'), 'w+');
+    const before = openFds();
+    for (const fd of [memfd, file]) {
+      await expect(h.fe.send(FrontendReq.SET_VRING_KICK, { kind: 'u64', value: 0n }, [fd])).rejects.toThrow(/status 1/);
+      // The back-end's copy of the fd is closed.
+      expect(openFds()).toBe(before);
+    }
+    native.close(memfd);
+    closeSync(file);
+    const refused = h.logs.filter((l) => l.includes('SET_VRING_KICK refused: vq 0: kick fd is not pollable (a regular file?): EPERM'));
+    expect(refused).toHaveLength(2);
+    expect(h.logs.filter((l) => l.includes('internal error'))).toEqual([]);
+    // Nothing changed: the ring still runs on its old kick fd.
+    expect(Array.from(await echoOnce(q, new Uint8Array([7])))).toEqual([7]);
+    await expectAlive();
+  });
+
+  it('refuses a call or error fd that is not an eventfd, closes it, and keeps interrupts on the old call fd', async () => {
+    await negotiate();
+    await h.fe.setMemTable([h.ram]);
+    const q = new DriverQueue(h.ram, 0, 16);
+    toRelease.push(() => q.release());
+    await h.fe.startQueue(h.ram, q);
+    const dir = mkdtempSync(join(tmpdir(), 'vrdma-call-'));
+    toRelease.push(() => rmSync(dir, { recursive: true, force: true }));
+    const memfd = native.memfdCreate('not-a-call', 0);
+    const file = openSync(join(dir, 'call'), 'w+');
+    const [sockA, sockB] = native.socketPair();
+    const before = openFds();
+    for (const req of [FrontendReq.SET_VRING_CALL, FrontendReq.SET_VRING_ERR]) {
+      for (const fd of [memfd, file, sockA]) {
+        await expect(h.fe.send(req, { kind: 'u64', value: 0n }, [fd])).rejects.toThrow(/status 1/);
+        expect(openFds()).toBe(before);
+      }
+    }
+    for (const fd of [memfd, file, sockA, sockB]) native.close(fd);
+    const lines = (name: string, what: string): string[] => h.logs.filter((l) => l.includes(`${name} refused: vq 0: ${what} fd is not an eventfd (`));
+    expect(lines('SET_VRING_CALL', 'call')).toHaveLength(3);
+    expect(lines('SET_VRING_ERR', 'error')).toHaveLength(3);
+    expect(h.logs.some((l) => l.includes('call fd is not an eventfd (a regular file? /memfd:not-a-call'))).toBe(true);
+    expect(h.logs.some((l) => l.includes('call fd is not an eventfd (socket:['))).toBe(true);
+    expect(h.logs.filter((l) => l.includes('internal error'))).toEqual([]);
+    // The old call fd still gets the interrupt.
+    q.takeInterrupt();
+    expect(Array.from(await echoOnce(q, new Uint8Array([8])))).toEqual([8]);
+    expect(q.takeInterrupt()).toBe(true);
+    // And a real eventfd is still taken.
+    const call2 = native.eventfd(0);
+    await h.fe.send(FrontendReq.SET_VRING_CALL, { kind: 'u64', value: 0n }, [call2]);
+    await h.fe.send(FrontendReq.SET_VRING_ERR, { kind: 'u64', value: 0n }, [call2]);
+    native.close(call2);
+    await expectAlive();
   });
 
   it('stops a queue whose ring the guest broke, and still answers requests', async () => {

@@ -12,6 +12,7 @@
  *   (GET_VRING_BASE on a queue that does not exist) closes the connection,
  *   since any answer would be a lie and no answer would hang the front-end.
  */
+import { readlinkSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { native, type FdWatcher, POLL_READABLE } from '../sys/native.js';
 import { DirtyLog } from '../memory/dirty-log.js';
@@ -258,11 +259,7 @@ export class VhostUserBackend {
       case FrontendReq.SET_VRING_CALL:
         return this.ack(msg, () => this.setVringCall(msg));
       case FrontendReq.SET_VRING_ERR:
-        return this.ack(msg, () => {
-          const v = this.vringFdTarget(msg);
-          if (v.errFd !== null) safeClose(v.errFd);
-          v.errFd = msg.fds[0] ?? null;
-        });
+        return this.ack(msg, () => this.setVringErr(msg));
       case FrontendReq.SET_VRING_ENABLE:
         return this.ack(msg, () => this.setVringEnable(p));
       case FrontendReq.GET_CONFIG:
@@ -504,15 +501,28 @@ export class VhostUserBackend {
   private setVringKick(msg: Message): void {
     const v = this.vringFdTarget(msg);
     const i = v.queue.index;
-    this.releaseKick(v);
     const fd = msg.fds[0];
     if (fd === undefined) {
+      this.releaseKick(v);
       this.log.warn(`vq ${i}: kick without an fd (polling) is not supported; the ring will not run`);
       return;
     }
+    // Watch the new fd before letting go of the old one: a refusal changes nothing.
+    let watcher: FdWatcher | null = null;
+    try {
+      watcher = new native.FdWatcher(fd, () => this.onKick(v));
+      watcher.start(POLL_READABLE);
+    } catch (err) {
+      watcher?.close();
+      safeClose(fd);
+      const code = (err as { code?: unknown }).code;
+      // epoll refuses regular files (a memfd is one) with EPERM.
+      if (code === 'EPERM') throw new RequestError(`vq ${i}: kick fd is not pollable (a regular file?): EPERM`);
+      throw new RequestError(`vq ${i}: kick fd cannot be polled: ${typeof code === 'string' ? code : (err as Error).message}`);
+    }
+    this.releaseKick(v);
     v.kickFd = fd;
-    v.kickWatcher = new native.FdWatcher(fd, () => this.onKick(v));
-    v.kickWatcher.start(POLL_READABLE);
+    v.kickWatcher = watcher;
     v.started = true;
     v.queue.broken = null;
     if (!hasBit(this.ackedFeatures, VHOST_USER_F_PROTOCOL_FEATURES)) v.enabled = true;
@@ -522,8 +532,26 @@ export class VhostUserBackend {
 
   private setVringCall(msg: Message): void {
     const v = this.vringFdTarget(msg);
+    const fd = msg.fds[0] ?? null;
+    const why = fd === null ? null : notAnEventfd(fd);
+    if (why !== null) {
+      safeClose(fd!);
+      throw new RequestError(`vq ${v.queue.index}: call fd ${why}`);
+    }
     if (v.queue.callFd !== null) safeClose(v.queue.callFd);
-    v.queue.callFd = msg.fds[0] ?? null;
+    v.queue.callFd = fd;
+  }
+
+  private setVringErr(msg: Message): void {
+    const v = this.vringFdTarget(msg);
+    const fd = msg.fds[0] ?? null;
+    const why = fd === null ? null : notAnEventfd(fd);
+    if (why !== null) {
+      safeClose(fd!);
+      throw new RequestError(`vq ${v.queue.index}: error fd ${why}`);
+    }
+    if (v.errFd !== null) safeClose(v.errFd);
+    v.errFd = fd;
   }
 
   private setVringEnable(p: Payload): void {
@@ -772,6 +800,23 @@ export class VhostUserBackend {
     if (error) this.log.warn(line);
     else this.log.info(line);
   }
+}
+
+/**
+ * Why `fd` cannot take eventfd writes (8-byte counter adds), or null. A call
+ * or error fd that is not an eventfd would be written as if it were one: a
+ * regular file would grow, a full blocking pipe would block the loop.
+ */
+function notAnEventfd(fd: number): string | null {
+  let target: string;
+  try {
+    target = readlinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return null; // No /proc to ask: take the front-end's word for it.
+  }
+  if (target === 'anon_inode:[eventfd]') return null;
+  if (target.startsWith('/')) return `is not an eventfd (a regular file? ${target})`;
+  return `is not an eventfd (${target})`;
 }
 
 function u64(p: Payload): bigint {
