@@ -37,11 +37,17 @@ if ((${#missing[@]})); then
 fi
 
 # --- npm dependencies ------------------------------------------------------
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  step "installing npm dependencies"
-  # npm install, not npm ci: npm 11 here writes lockfiles without other
-  # platforms' optional packages, which its own `npm ci` then rejects.
-  npm install --no-audit --no-fund --loglevel=error
+# npm ci installs exactly what package-lock.json says and never rewrites it,
+# so a fresh clone stays clean. The committed lockfile lists every
+# platform's optional packages (rollup's, esbuild's), which npm ci needs:
+# after changing a dependency, check that `git diff package-lock.json` has
+# not dropped them. Skipped while node_modules was installed from this very
+# lockfile (its hash is kept in node_modules, which npm ci recreates).
+lock_stamp=node_modules/.vrdma-package-lock.sha256
+if ! sha256sum --status -c "$lock_stamp" 2>/dev/null; then
+  step "installing npm dependencies (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+  sha256sum package-lock.json >"$lock_stamp"
 fi
 
 # --- native addon ----------------------------------------------------------
