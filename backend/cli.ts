@@ -3,6 +3,7 @@
  * `vrdma`: the command-line entry point. `serve` runs a vhost-user back-end
  * on a unix socket for QEMU to connect to.
  */
+import { spawn } from 'node:child_process';
 import { isIPv4 } from 'node:net';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
@@ -49,6 +50,35 @@ interface RdmaArgs {
   cqSlots: number;
   qpSlots: number;
   limits: Partial<RdmaLimits>;
+  /** A migration's destination: take the address only once the VM runs here. */
+  incoming: boolean;
+  /** Shell commands run before the address is taken and after it is given up. */
+  onAddressAcquire: string | undefined;
+  onAddressRelease: string | undefined;
+}
+
+/**
+ * A hook command run through /bin/sh with the address in its environment
+ * (VRDMA_ADDRESS, VRDMA_PORT, VRDMA_EVENT); it must finish within 30 s.
+ * Resolves when it exits 0, rejects with its status and stderr otherwise.
+ */
+function addressHook(command: string, event: 'acquire' | 'release', address: string, port: number, log: Logger): () => Promise<void> {
+  return () =>
+    new Promise<void>((resolve, reject) => {
+      log.info(`address ${event} hook: ${command}`);
+      const child = spawn('/bin/sh', ['-c', command], {
+        stdio: ['ignore', 'inherit', 'pipe'],
+        env: { ...process.env, VRDMA_ADDRESS: address, VRDMA_PORT: String(port), VRDMA_EVENT: event },
+        timeout: 30_000,
+      });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.on('error', reject);
+      child.on('close', (code, signal) => {
+        if (code === 0) resolve();
+        else reject(new Error(`'${command}' ${signal !== null ? `killed by ${signal}` : `exited ${code}`}${stderr.trim() ? `: ${stderr.trim().split('\n').pop()}` : ''}`));
+      });
+    });
 }
 
 
@@ -58,6 +88,7 @@ type Cleanup = (() => void)[];
 function makeEngine(rdma: RdmaArgs, log: Logger, cleanup: Cleanup): Engine {
   switch (rdma.engine) {
     case 'loopback':
+      if (rdma.onAddressAcquire !== undefined || rdma.onAddressRelease !== undefined) throw new StartupError('--on-address-acquire/--on-address-release move the soft-roce engine\'s RoCE address; the loopback engine has none');
       if (rdma.pcap !== undefined) throw new StartupError('--pcap records the soft-roce engine\'s RoCEv2 datagrams; the loopback engine sends none (use --engine soft-roce)');
       return new LoopbackEngine();
     case 'soft-roce': {
@@ -67,14 +98,19 @@ function makeEngine(rdma: RdmaArgs, log: Logger, cleanup: Cleanup): Engine {
       }
       if (!Number.isInteger(rdma.rocePort) || rdma.rocePort < 1 || rdma.rocePort > 65535) throw new StartupError(`--roce-port must be an integer in 1..65535 (got ${rdma.rocePort})`);
       let engine: SoftRoceEngine;
+      const hooks = {
+        ...(rdma.onAddressAcquire !== undefined ? { beforeAcquire: addressHook(rdma.onAddressAcquire, 'acquire', address, rdma.rocePort, log) } : {}),
+        ...(rdma.onAddressRelease !== undefined ? { afterRelease: addressHook(rdma.onAddressRelease, 'release', address, rdma.rocePort, log) } : {}),
+      };
       try {
-        engine = new SoftRoceEngine({ address, port: rdma.rocePort });
+        engine = new SoftRoceEngine({ address, port: rdma.rocePort, incoming: rdma.incoming, hooks, warn: (line) => log.warn(`soft-roce: ${line}`) });
       } catch (err) {
         if (!isSysError(err)) throw err;
         const hint = err.code === 'EADDRNOTAVAIL' ? ' (the address is not on this host)' : err.code === 'EADDRINUSE' ? ' (another process uses it; try --roce-port)' : '';
         throw new StartupError(`soft-roce engine cannot bind UDP ${address}:${rdma.rocePort}: ${err.code}${hint}`);
       }
-      log.info(`soft-roce engine bound to UDP ${engine.localAddress}`);
+      if (rdma.incoming) log.info(`soft-roce engine waiting for an incoming migration: UDP ${engine.link.describe()} is taken once the VM runs here`);
+      else log.info(`soft-roce engine bound to UDP ${engine.localAddress}`);
       if (rdma.pcap !== undefined) {
         const path = rdma.pcap;
         let capture: PcapCapture;
@@ -275,6 +311,13 @@ await yargs(hideBin(process.argv))
         .option('max-qp-rd-atom', { type: 'number', default: DEFAULT_LIMITS.maxQpRdAtom, group: 'Device limits:', describe: 'Outstanding RDMA READ/atomic per QP' })
         .option('log-level', { type: 'string', default: 'info', describe: 'error | warn | info | debug | trace' })
         .option('device-state', { type: 'boolean', default: true, describe: 'Offer VHOST_USER_PROTOCOL_F_DEVICE_STATE (migration); --no-device-state plays a back-end without it' })
+        .option('incoming', {
+          type: 'boolean',
+          default: false,
+          describe: 'Destination of a live migration: start without the RoCE address (the source holds it) and take it once the migrated VM runs here',
+        })
+        .option('on-address-acquire', { type: 'string', describe: 'soft-roce: shell command run before the RoCE address is taken (e.g. add the IP and announce it); gets VRDMA_ADDRESS, VRDMA_PORT, VRDMA_EVENT' })
+        .option('on-address-release', { type: 'string', describe: 'soft-roce: shell command run after the RoCE address was given up at a migration (e.g. remove the IP)' })
         .option('qemu-mem', { type: 'number', default: 256, describe: 'Guest RAM size (MiB) used in the printed QEMU arguments' })
         .check((a) => {
           if (!isLogLevel(a['log-level'])) throw new Error(`unknown log level ${a['log-level']}`);
@@ -292,6 +335,9 @@ await yargs(hideBin(process.argv))
           gids: a.gid,
           rocePort: a['roce-port'],
           pcap: a.pcap,
+          incoming: a.incoming,
+          onAddressAcquire: a['on-address-acquire'],
+          onAddressRelease: a['on-address-release'],
           cqSlots: a['cq-slots'],
           qpSlots: a['qp-slots'],
           limits: {

@@ -34,6 +34,8 @@ const READ_LEN = 4096;
 const SLOTS = 4;
 
 type Move = (drv: RefDriver) => Promise<void>;
+/** Called before each round is posted, with the QP pairs. */
+type RoundHook = (round: number, pairs: readonly Pair[]) => Promise<void>;
 
 interface Pair {
   link: { a: Side; b: Side };
@@ -77,12 +79,13 @@ const sge = (m: MrBuf, off: number, len: number) => [{ addr: m.buf.addr + BigInt
  * before their completions are polled, so work is in flight in both
  * directions when the device stops.
  */
-async function workload(a: RefDriver, b: RefDriver, move: Move): Promise<void> {
+async function workload(a: RefDriver, b: RefDriver, move: Move, beforeRound?: RoundHook): Promise<void> {
   const env: ScenarioEnv = { a, b, fresh: true, timeoutMs: 15_000 };
   await withTeardown(async (t) => {
     const pairs: Pair[] = [];
     for (let i = 0; i < QPS; i++) pairs.push(await makePair(t, env, i));
     for (let r = 0; r < ROUNDS; r++) {
+      await beforeRound?.(r, pairs);
       const slot = r % SLOTS;
       for (let i = 0; i < QPS; i++) {
         const p = pairs[i]!;
@@ -167,6 +170,18 @@ describe('live migration of a soft-RoCE device with RC traffic in flight both wa
     try {
       const drvA = await a.open();
       const drvB = await b.open();
+      // Dirty logging from a few rounds before the first move, as QEMU's RAM copy runs: every page of A's
+      // that the back-end wrote (received SENDs, READ data, atomic results) must be marked when the VM stops.
+      const LOG_FROM = MOVE_AT[0]! - 4;
+      let log: { isDirty(gpa: number): boolean; release(): void } | null = null;
+      let watched: { gpa: number; before: Uint8Array }[] = [];
+      const beforeRound: RoundHook = async (r, pairs) => {
+        if (r !== LOG_FROM) return;
+        log = await drvA.startDirtyLog();
+        const pages = pairs.flatMap((p) => [p.aRecv, p.aRead, p.aAtomic].flatMap((m) => drvA.pagesOf(m.buf)));
+        watched = [...new Set(pages)].map((gpa) => ({ gpa, before: drvA.pageCopy(gpa) }));
+      };
+      let checkedPages = 0;
       await workload(drvA, drvB, async (drv) => {
         const from = hops[hops.length - 1]!;
         // Started while the source still holds the address: it must not take it before the VM runs there.
@@ -175,9 +190,18 @@ describe('live migration of a soft-RoCE device with RC traffic in flight both wa
         expect(engineOf(to).link.held).toBe(false);
         const saved = await drv.stopAndSave();
         expect(engineOf(from).link.held, 'the source gives the address up once its state is saved').toBe(false);
+        if (log !== null && checkedPages === 0) {
+          const l: { isDirty(gpa: number): boolean } = log;
+          const changed = watched.filter((w) => !Buffer.from(drv.pageCopy(w.gpa)).equals(Buffer.from(w.before)));
+          expect(changed.length, 'the back-end wrote A\'s buffers while the log was on').toBeGreaterThan(0);
+          expect(changed.filter((w) => !l.isDirty(w.gpa)).map((w) => `0x${w.gpa.toString(16)}`), 'pages written but not in the dirty log').toEqual([]);
+          checkedPages = changed.length;
+        }
         await drv.loadAndRun(connectTo(to), saved);
         await waitFor(() => engineOf(to).link.held, 'the destination takes the address');
-      });
+      }, beforeRound);
+      expect(checkedPages).toBeGreaterThan(0);
+      (log as { release(): void } | null)?.release();
       const dest = engineOf(hops[hops.length - 1]!);
       // The moves were felt: B met the blackout (RNR NAKs or drops) and the destinations resent.
       const blackout = hops.slice(0, -1).reduce((n, h) => n + engineOf(h).stats.blackoutRnrNaks + engineOf(h).stats.blackoutDropped, 0);

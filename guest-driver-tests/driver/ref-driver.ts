@@ -102,7 +102,7 @@ function writeAllToFd(fd: number, data: Uint8Array): Promise<void> {
     });
   });
 }
-import { VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit, hasBit } from '../../virtio/vhost-user/protocol.js';
+import { FrontendReq, VHOST_F_LOG_ALL, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit, hasBit } from '../../virtio/vhost-user/protocol.js';
 import { GuestAllocator } from './allocator.js';
 import { EventFdWaiter, sleep } from './event-wait.js';
 import {
@@ -423,6 +423,38 @@ export class RefDriver implements Verbs {
     await dest.setStatus(VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_DRIVER_OK);
     this.fe.close();
     this.fe = dest;
+  }
+
+  /**
+   * Turns on dirty logging as QEMU does when a migration starts: a shared
+   * log covering guest RAM (SET_LOG_BASE), then VHOST_F_LOG_ALL. Returns
+   * whether a guest-physical page was marked, and the log's release.
+   */
+  async startDirtyLog(): Promise<{ isDirty(gpa: number): boolean; release(): void }> {
+    const size = Math.ceil((this.ram.gpa + this.ram.size) / PAGE / 8);
+    const fd = native.memfdCreate('vrdma-dirty-log', size);
+    const log = native.mmap(fd, 0, size, true);
+    const bitmap = new Uint8Array(log);
+    try {
+      const reply = await this.fe.request(FrontendReq.SET_LOG_BASE, { kind: 'log', size, offset: 0 }, 'u64', [fd]);
+      if (reply.kind !== 'u64' || reply.value !== 0n) throw new DriverProtocolError('SET_LOG_BASE refused');
+    } finally {
+      native.close(fd);
+    }
+    await this.fe.setFeatures(this.fe.features | (1n << BigInt(VHOST_F_LOG_ALL)));
+    return {
+      isDirty: (gpa) => (bitmap[Math.floor(gpa / PAGE / 8)]! & (1 << (Math.floor(gpa / PAGE) % 8))) !== 0,
+      release: () => native.munmap(log),
+    };
+  }
+
+  /** The guest-physical pages a buffer lies on, and a copy of one page: what a dirty-log check compares. */
+  pagesOf(buf: Buffer): readonly number[] {
+    return this.buffer(buf).pages;
+  }
+
+  pageCopy(gpa: number): Uint8Array {
+    return this.ram.bytes(gpa - (gpa % PAGE), PAGE).slice();
   }
 
   /** A failed migration: QEMU resumes the VM on the source, whose rings start again where they stopped. */

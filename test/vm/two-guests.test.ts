@@ -38,7 +38,7 @@ import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { BackendProcess, CLI } from '../support/backend-process.js';
 import { startGuest, type RunningGuest } from './guest.js';
 import { NetNs, canCreateNetNs } from './netns.js';
-import { QEMU_RDMA, RDMA_SHELL, driverFiles, rdmaUserFiles, withDriver, type GuestFiles } from './vrdma-guest.js';
+import { QEMU_RDMA, RDMA_SHELL, TOOL_SHELL, driverFiles, rdmaUserFiles, withDriver, type GuestFiles } from './vrdma-guest.js';
 
 const CQ_SLOTS = 4;
 const QP_SLOTS = 4;
@@ -92,17 +92,6 @@ const CASES: ToolCase[] = [
   },
 ];
 
-/**
- * Shell helpers: `trun SECS TOOL ARGS...` runs a tool of rdmaUserFiles under
- * busybox timeout; `client NAME SECS TOOL ARGS...` runs a client into
- * /tmp/NAME.out, retrying while its server does not listen yet.
- */
-const SHELL_HELPERS = String.raw`
-trun() { s=$1; shift; t=$1; shift; b=/vrdma/rdma-core/bin/$t; [ -e $b ] || b=/vrdma/bin/$t; timeout $s /vrdma/lib/ld-linux-x86-64.so.2 --library-path /vrdma/rdma-core/lib:/vrdma/lib $b "$@"; }
-refused() { grep -q -i -E "couldn.t connect|Unable to open file descriptor" "$1"; }
-client() { n=$1; shift; i=0; while :; do trun "$@" > /tmp/$n.out 2>&1; rc=$?; if [ $rc -ne 0 ] && refused /tmp/$n.out && [ $i -lt 240 ]; then i=$((i+1)); sleep 0.25; continue; fi; break; done; }
-`;
-
 /** Modules, eth0 on the namespace's bridge, the RDMA user space; `set +e` from here on (each case reports its own rc). */
 function prologue(order: string[], address: string): string {
   return withDriver(order, String.raw`
@@ -110,7 +99,7 @@ ip link set lo up
 ip link set eth0 up
 ip addr add ${address}/24 dev eth0
 ${RDMA_SHELL}
-${SHELL_HELPERS}
+${TOOL_SHELL}
 set +e
 echo "GUEST-READY $(cat /sys/class/infiniband/virtio_rdma0/ports/1/gids/0)"
 `);

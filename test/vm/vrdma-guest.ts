@@ -103,3 +103,15 @@ mkdir -p /opt/vrdma && ln -sfn /vrdma/rdma-core /opt/vrdma/rdma-core
 run() { t=$1; shift; b=/vrdma/rdma-core/bin/$t; [ -e $b ] || b=/vrdma/bin/$t; /vrdma/lib/ld-linux-x86-64.so.2 --library-path /vrdma/rdma-core/lib:/vrdma/lib $b "$@"; }
 wait_listen() { p=$(printf '%04X' $1); for i in $(seq 200); do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ":$p [0-9A-F]*:0000 0A" && return 0; sleep 0.05; done; echo "nothing listens on port $1"; }
 `;
+
+/**
+ * Shell helpers: `trun SECS TOOL ARGS...` runs a tool of rdmaUserFiles under
+ * busybox timeout; `client NAME SECS TOOL ARGS...` runs a client into
+ * /tmp/NAME.out, retrying while its server does not listen yet.
+ */
+export const TOOL_SHELL = String.raw`
+trun() { s=$1; shift; t=$1; shift; b=/vrdma/rdma-core/bin/$t; [ -e $b ] || b=/vrdma/bin/$t; timeout $s /vrdma/lib/ld-linux-x86-64.so.2 --library-path /vrdma/rdma-core/lib:/vrdma/lib $b "$@"; }
+refused() { grep -q -i -E "couldn.t connect|Unable to open file descriptor" "$1"; }
+client() { n=$1; shift; i=0; while :; do trun "$@" > /tmp/$n.out 2>&1; rc=$?; if [ $rc -ne 0 ] && refused /tmp/$n.out && [ $i -lt 240 ]; then i=$((i+1)); sleep 0.25; continue; fi; break; done; }
+`;
+

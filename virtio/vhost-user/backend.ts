@@ -650,7 +650,9 @@ export class VhostUserBackend {
       queue: (i) => this.vring(i).queue,
       isRunning: (i) => {
         const v = this.vrings[i];
-        return v !== undefined && this.isRunning(v) && v.queue.isResolved;
+        // Resolved again on demand: SET_FEATURES (LOG_ALL when a migration starts) and memory changes
+        // invalidate every ring, and a CQ ring the driver does not kick must still take completions.
+        return v !== undefined && this.isRunning(v) && (v.queue.isResolved || v.queue.resolve() === null);
       },
       notify: (i) => {
         const v = this.vrings[i];
