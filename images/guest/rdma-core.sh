@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the guest's RDMA user space: rdma-core (libibverbs, the rxe
 # provider, the ibv_* tools) together with the project's virtio_rdma
-# provider (native/guest/rdma-core-provider) and the in-guest conformance
-# program (native/guest/conformance), and caches the installed tree.
+# provider (native/guest/rdma-core-provider) and the in-guest programs
+# (native/guest/conformance: vrdma_conformance, and vrdma_stream, the
+# data-checking traffic for migration tests), and caches the installed tree.
 #
 #   bash images/guest/rdma-core.sh [--force]
 #   bash images/guest/rdma-core.sh --key
@@ -36,13 +37,14 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PROVIDER=$(cd "$HERE/../../native/guest/rdma-core-provider" && pwd)
 CONFORMANCE=$(cd "$HERE/../../native/guest/conformance" && pwd)/vrdma_conformance.c
+STREAM=$(dirname "$CONFORMANCE")/vrdma_stream.c
 CACHE_ROOT=${VRDMA_CACHE:-${HOME:-/root}/.cache/vrdma}
 VERSION=56.1
 TARBALL=rdma-core_$VERSION.orig.tar.gz
 URL=http://deb.debian.org/debian/pool/main/r/rdma-core/$TARBALL
 SHA256=63ce7f2baa7242c2dbc76375dac957c420187dd27f8c5e148efc07971ee522a8
 PREFIX=/opt/vrdma/rdma-core
-SOURCES=("$PROVIDER/virtio_rdma.c" "$PROVIDER/CMakeLists.txt" "$CONFORMANCE" "$HERE/rdma-core.sh")
+SOURCES=("$PROVIDER/virtio_rdma.c" "$PROVIDER/CMakeLists.txt" "$CONFORMANCE" "$STREAM" "$HERE/rdma-core.sh")
 # What the guest needs; everything else in rdma-core is not built.
 TARGETS=(ibverbs virtio_rdma-rdmav34 rxe-rdmav34 ibv_devices ibv_devinfo ibv_rc_pingpong ibv_uc_pingpong ibv_ud_pingpong)
 
@@ -147,6 +149,9 @@ for t in ibv_devices ibv_devinfo ibv_rc_pingpong ibv_uc_pingpong ibv_ud_pingpong
 step "building vrdma_conformance"
 gcc -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -I"$B/include" -o "$R/bin/vrdma_conformance" "$CONFORMANCE" -L"$B/lib" -libverbs >>"$LOG" 2>&1 ||
 	{ tail -30 "$LOG" >&2; die "building vrdma_conformance failed (log above)"; }
+step "building vrdma_stream"
+gcc -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -I"$B/include" -o "$R/bin/vrdma_stream" "$STREAM" -L"$B/lib" -libverbs >>"$LOG" 2>&1 ||
+	{ tail -30 "$LOG" >&2; die "building vrdma_stream failed (log above)"; }
 strip --strip-debug "$R"/lib/*.so* "$R"/lib/libibverbs/*.so "$R"/bin/* 2>/dev/null || true
 cp "$LOG" "$NEW/"
 cat >"$NEW/info" <<INFO
