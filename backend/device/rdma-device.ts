@@ -40,7 +40,7 @@ import { resolveLimits, type RdmaLimits } from './limits.js';
 import { GuestMemoryAccess } from './memory-access.js';
 import { MrTable } from './mr-table.js';
 import { Resources, type CqRecord, type CqeValue, type QpRecord } from './resources.js';
-import { loadDeviceState, saveDeviceState } from './device-state.js';
+import { loadDeviceState, saveDeviceState } from './state/index.js';
 
 export interface RdmaDeviceOptions {
   limits?: Partial<RdmaLimits>;
@@ -227,7 +227,7 @@ export class RdmaDevice implements VirtioDevice {
   saveState(): Uint8Array {
     // Before a driver started there are no objects: an empty table set migrates an idle VM.
     const res = this.res ?? new Resources(this.limits, new MrTable(this.limits.maxMr, new GuestMemory(1), this.limits.maxMrSize));
-    const state = saveDeviceState(res, this.engine);
+    const state = saveDeviceState(res, this);
     // The destination takes the address over from here; a failed migration resumes this device (handleQueue).
     this.engine.handOver();
     return state;
@@ -237,7 +237,7 @@ export class RdmaDevice implements VirtioDevice {
     // QEMU loads state before the rings start, possibly before memory is
     // attached to the device; keep it until then.
     if (this.res === null) {
-      loadDeviceState(state, null, this.engine, this.limits); // validate now, so CHECK_DEVICE_STATE reports garbage
+      loadDeviceState(state, null, this); // validate now, so CHECK_DEVICE_STATE reports garbage
       this.pendingState = state.slice();
       return;
     }
@@ -245,9 +245,8 @@ export class RdmaDevice implements VirtioDevice {
   }
 
   private restore(state: Uint8Array): void {
-    this.res!.clear();
-    this.engine.reset();
-    loadDeviceState(state, this.res!, this.engine, this.limits);
+    // Clears the tables and resets the engine itself, once the state has passed every check.
+    loadDeviceState(state, this.res!, this);
     this.log.info(`device state restored: ${this.res!.qps.size} QPs, ${this.res!.cqs.size} CQs, ${this.res!.mrs.size} MRs`);
   }
 
