@@ -28,11 +28,11 @@ import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { BackendProcess, CLI } from '../support/backend-process.js';
 import { startGuest, type RunningGuest } from './guest.js';
 import { NetNs, canCreateNetNs } from './netns.js';
-import { Qmp, migrate } from './qmp.js';
-import { QEMU_RDMA, RDMA_SHELL, TOOL_SHELL, driverFiles, rdmaUserFiles, withDriver, type GuestFiles } from './vrdma-guest.js';
+import { Qmp, migrate, migrationEnd } from './qmp.js';
+import { QEMU_RDMA, driverFiles, guestPrologue as prologue, rdmaUserFiles, type GuestFiles } from './vrdma-guest.js';
 
-const CQ_SLOTS = 4;
-const QP_SLOTS = 4;
+const CQ_SLOTS = 12;
+const QP_SLOTS = 6;
 const GID = { A: '127.0.0.2', B: '127.0.0.3' } as const;
 type Side = keyof typeof GID;
 const BW_PORT = 18700;
@@ -43,18 +43,6 @@ const PP_ARGS = `-d virtio_rdma0 -g 0 -n ${PP_ITERS} -s 4096 -r 16 -c -p ${PP_PO
 const BW_LINE = /^\s*65536\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s*$/gm;
 /** What perftest and rdma-core's examples print when a completion fails. */
 const TOOL_ERROR = /Completion with error|Failed status|completion error|parse WC failed|poll CQ failed|error on QP/i;
-
-function prologue(order: string[], address: string): string {
-  return withDriver(order, String.raw`
-ip link set lo up
-ip link set eth0 up
-ip addr add ${address}/24 dev eth0
-${RDMA_SHELL}
-${TOOL_SHELL}
-set +e
-echo "GUEST-READY"
-`);
-}
 
 /** B serves both tools; its bandwidth reports go to the console. */
 function scriptB(order: string[], ns: NetNs): string {
@@ -129,16 +117,28 @@ describe('live migration of VMs with live RDMA connections (two guests, QMP)', (
     const scripts: Record<Side, string> = { A: scriptA(d.order, netns), B: scriptB(d.order, netns) };
     const macs: Record<Side, string> = { A: '52:54:00:12:34:56', B: '52:54:00:12:34:57' };
     let tap = 0;
+    /** What each VM printed on the QEMUs it left: a tool may finish before or after a move. */
+    const earlier: Record<Side, string> = { A: '', B: '' };
+    /** Waits for `re` on the VM's whole console history, this QEMU's included. */
+    const waitHistory = async (side: Side, host: Host, re: RegExp, timeoutMs: number): Promise<RegExpExecArray> => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const m = re.exec(earlier[side] + host.guest.console);
+        if (m !== null) return m;
+        if (Date.now() > deadline) throw new Error(`${side}: no ${re} within ${timeoutMs} ms; console tail:\n${host.guest.console.slice(-2000)}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    };
     let serial = 0;
 
     /** A back-end and a QEMU for `side`; `incoming` makes both the destination of a migration. */
-    async function start(side: Side, incoming: boolean): Promise<{ guest: RunningGuest; backend: BackendProcess; qmp: string; migrateUri: string }> {
+    async function start(side: Side, incoming: boolean, gid: string = GID[side]): Promise<{ guest: RunningGuest; backend: BackendProcess; qmp: string; migrateUri: string }> {
       const n = serial++;
       const socket = join(dir, `${side}${n}.sock`);
       const qmp = join(dir, `${side}${n}.qmp`);
       const migrateUri = `unix:${join(dir, `${side}${n}.migrate`)}`;
       const backend = new BackendProcess([
-        'serve', '--device', 'rdma', '--socket', socket, '--gid', GID[side], '--roce-port', String(rocePort),
+        'serve', '--device', 'rdma', '--socket', socket, '--gid', gid, '--roce-port', String(rocePort),
         '--cq-slots', String(CQ_SLOTS), '--qp-slots', String(QP_SLOTS), '--log-level', 'info', ...(incoming ? ['--incoming'] : []),
       ]);
       await backend.waitFor(/listening on/);
@@ -161,6 +161,8 @@ describe('live migration of VMs with live RDMA connections (two guests, QMP)', (
     }
 
     type Host = Awaited<ReturnType<typeof start>>;
+    /** A destination whose back-end serves another GID than the VM's: it must refuse the VM's state. */
+    const startMismatched = (side: Side): Promise<Host> => start(side, true, '127.0.0.9');
 
     /** Moves `from`'s VM to a new QEMU and back-end on the same address; returns the new host once its VM reported `reports` more bandwidth lines. */
     async function move(side: Side, from: Host, others: Host[]): Promise<Host> {
@@ -186,9 +188,55 @@ describe('live migration of VMs with live RDMA connections (two guests, QMP)', (
       await waitForCount(to.guest, BW_LINE, 2, 120_000, `${side} reports bandwidth after the move`);
       for (let i = 0; i < others.length; i++) await waitForCount(others[i]!.guest, BW_LINE, before[i]! + 3, 120_000, `${side}'s peer reports bandwidth after the move`);
       expect(to.guest.console).not.toMatch(TOOL_ERROR);
+      earlier[side] += from.guest.console;
       await from.guest.stop();
       await from.backend.stop();
       return to;
+    }
+
+    /**
+     * A migration that fails: the destination QEMU is killed while RAM is
+     * copied (the copy slowed down so that it is), or the destination
+     * back-end refuses the state (`refuse`: it serves another GID, a named
+     * reason). Either way QMP reports the failure, the source keeps running
+     * (or resumes) with its address, and the traffic goes on.
+     */
+    async function failedMove(side: Side, from: Host, others: Host[], how: 'kill-destination' | 'refuse'): Promise<void> {
+      const to = how === 'refuse' ? await startMismatched(side) : await start(side, true);
+      const dst = await Qmp.connect(to.qmp);
+      const src = await Qmp.connect(from.qmp);
+      try {
+        if (how === 'kill-destination') {
+          await src.execute('migrate-set-parameters', { 'max-bandwidth': 16 << 20 });
+          await src.execute('migrate', { uri: to.migrateUri });
+          await new Promise((r) => setTimeout(r, 1500));
+          expect(String(((await src.execute('query-migrate')) as { status?: string }).status)).toBe('active');
+          to.guest.kill('SIGKILL');
+          const r = await migrationEnd(src);
+          expect(r.status).toBe('failed');
+          await src.execute('migrate-set-parameters', { 'max-bandwidth': 128 << 20 });
+        } else {
+          // The destination refuses after the source sent everything: only with a return path does
+          // the source hear of it (and then resume on its own, as QEMU does for a failed migration).
+          const returnPath = { capabilities: [{ capability: 'return-path', state: true }] };
+          await dst.execute('migrate-set-capabilities', returnPath);
+          await src.execute('migrate-set-capabilities', returnPath);
+          const r = await migrate(src, to.migrateUri);
+          expect(r.status).toBe('failed');
+          await to.backend.waitFor(/device state load failed: .*gid/i);
+        }
+        expect(await src.status()).toBe('running');
+      } finally {
+        src.close();
+        dst.close();
+      }
+      if (how === 'refuse') await from.backend.waitFor(/RoCE address \S+ held; running/, 30_000);
+      const before = [from, ...others].map((o) => count(o.guest.console, BW_LINE));
+      await waitForCount(from.guest, BW_LINE, before[0]! + 3, 120_000, `${side} reports bandwidth after the failed migration`);
+      for (let i = 0; i < others.length; i++) await waitForCount(others[i]!.guest, BW_LINE, before[i + 1]! + 3, 120_000, `${side}'s peer after the failed migration`);
+      expect(from.guest.console).not.toMatch(TOOL_ERROR);
+      await to.guest.stop();
+      await to.backend.stop();
     }
 
     let a = await start('A', false);
@@ -199,12 +247,14 @@ describe('live migration of VMs with live RDMA connections (two guests, QMP)', (
     await waitForCount(b.guest, BW_LINE, 2, 60_000, 'B reports bandwidth');
     expect(a.guest.console).not.toMatch(/PP-END/); // the pingpong is still running: it spans the move
 
+    await failedMove('A', a, [b], 'kill-destination');
+    await failedMove('A', a, [b], 'refuse');
     a = await move('A', a, [b]);
     a = await move('A', a, [b]);
     b = await move('B', b, [a]);
 
-    const ppA = await a.guest.waitForOutput(/PP-BEGIN\n([\s\S]*?)PP-END rc=(\d+)/, 600_000);
-    const ppB = await b.guest.waitForOutput(/PP-BEGIN\n([\s\S]*?)PP-END rc=(\d+)/, 120_000);
+    const ppA = await waitHistory('A', a, /PP-BEGIN\n([\s\S]*?)PP-END rc=(\d+)/, 600_000);
+    const ppB = await waitHistory('B', b, /PP-BEGIN\n([\s\S]*?)PP-END rc=(\d+)/, 120_000);
     for (const [who, m] of [['A', ppA], ['B', ppB]] as const) {
       expect(m[2], `${who}'s ibv_rc_pingpong:\n${m[1]}`).toBe('0');
       expect(m[1]).toMatch(new RegExp(`^${PP_ITERS} iters in [\\d.]+ seconds`, 'm'));
@@ -214,11 +264,11 @@ describe('live migration of VMs with live RDMA connections (two guests, QMP)', (
     const bwB = count(b.guest.console, BW_LINE);
     await waitForCount(a.guest, BW_LINE, bwA + 2, 60_000, 'A still reports bandwidth');
     await waitForCount(b.guest, BW_LINE, bwB + 2, 60_000, 'B still reports bandwidth');
-    for (const g of [a.guest, b.guest]) {
-      expect(g.console).not.toMatch(/BW-ENDED/);
-      expect(g.console).not.toMatch(TOOL_ERROR);
+    for (const [side, g] of [['A', a.guest], ['B', b.guest]] as const) {
+      expect(earlier[side] + g.console).not.toMatch(/BW-ENDED/);
+      expect(earlier[side] + g.console).not.toMatch(TOOL_ERROR);
     }
-    const kernel = /--- kernel\n([\s\S]*?)--- end kernel/.exec(a.guest.console)?.[1] ?? '';
+    const kernel = /--- kernel\n([\s\S]*?)--- end kernel/.exec(earlier.A + a.guest.console)?.[1] ?? '';
     expect(kernel.trim(), 'kernel warnings in A after two moves').toBe('');
   }, 900_000);
 });

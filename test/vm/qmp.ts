@@ -107,6 +107,11 @@ export interface MigrationResult {
 /** Starts migrating the VM behind `source` to `uri` and waits until QEMU says it finished one way or the other. */
 export async function migrate(source: Qmp, uri: string, timeoutMs = 120_000): Promise<MigrationResult> {
   await source.execute('migrate', { uri });
+  return migrationEnd(source, timeoutMs);
+}
+
+/** Waits until the migration under way on `source` finished one way or the other. */
+export async function migrationEnd(source: Qmp, timeoutMs = 120_000): Promise<MigrationResult> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const info = (await source.execute('query-migrate')) as QmpObject;

@@ -38,7 +38,7 @@ import { randomRocePort } from '../../guest-driver-tests/harness.js';
 import { BackendProcess, CLI } from '../support/backend-process.js';
 import { startGuest, type RunningGuest } from './guest.js';
 import { NetNs, canCreateNetNs } from './netns.js';
-import { QEMU_RDMA, RDMA_SHELL, TOOL_SHELL, driverFiles, rdmaUserFiles, withDriver, type GuestFiles } from './vrdma-guest.js';
+import { QEMU_RDMA, driverFiles, guestPrologue as prologue, rdmaUserFiles, type GuestFiles } from './vrdma-guest.js';
 
 const CQ_SLOTS = 4;
 const QP_SLOTS = 4;
@@ -91,19 +91,6 @@ const CASES: ToolCase[] = [
     qpType: 'RC',
   },
 ];
-
-/** Modules, eth0 on the namespace's bridge, the RDMA user space; `set +e` from here on (each case reports its own rc). */
-function prologue(order: string[], address: string): string {
-  return withDriver(order, String.raw`
-ip link set lo up
-ip link set eth0 up
-ip addr add ${address}/24 dev eth0
-${RDMA_SHELL}
-${TOOL_SHELL}
-set +e
-echo "GUEST-READY $(cat /sys/class/infiniband/virtio_rdma0/ports/1/gids/0)"
-`);
-}
 
 function caseScript(c: ToolCase, side: Side, peer: string): string {
   const name = c.tool;

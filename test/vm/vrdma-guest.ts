@@ -115,3 +115,17 @@ refused() { grep -q -i -E "couldn.t connect|Unable to open file descriptor" "$1"
 client() { n=$1; shift; i=0; while :; do trun "$@" > /tmp/$n.out 2>&1; rc=$?; if [ $rc -ne 0 ] && refused /tmp/$n.out && [ $i -lt 240 ]; then i=$((i+1)); sleep 0.25; continue; fi; break; done; }
 `;
 
+
+/** Modules, eth0 on the namespace's bridge, the RDMA user space; `set +e` from here on (each case reports its own rc). */
+export function guestPrologue(order: string[], address: string): string {
+  return withDriver(order, String.raw`
+ip link set lo up
+ip link set eth0 up
+ip addr add ${address}/24 dev eth0
+${RDMA_SHELL}
+${TOOL_SHELL}
+set +e
+echo "GUEST-READY $(cat /sys/class/infiniband/virtio_rdma0/ports/1/gids/0)"
+`);
+}
+
