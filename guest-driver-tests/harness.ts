@@ -67,6 +67,14 @@ export interface DeviceUnderTest {
   stop(): Promise<void>;
 }
 
+/** A front-end connected to an in-process device's back-end: a second QEMU's role, e.g. a migration's destination. */
+export function frontendTo(dev: DeviceUnderTest): VhostUserFrontend {
+  if (!(dev instanceof InProcessDevice)) throw new Error('frontendTo needs an in-process device');
+  const [mine, theirs] = native.socketPair();
+  void dev.backend.serve(mine);
+  return VhostUserFrontend.fromFd(theirs);
+}
+
 export async function startDevice(opts: DeviceOptions = {}): Promise<DeviceUnderTest> {
   const mode = opts.mode ?? 'in-process';
   if (opts.softRoce !== undefined && mode !== 'in-process') throw new Error('harness: softRoce is for in-process devices only');

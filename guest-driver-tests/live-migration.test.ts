@@ -16,10 +16,8 @@
 import { describe, expect, it } from 'vitest';
 import { SendFlag, SendOp, WcOpcode, WcStatus } from '../backend/abi/constants.js';
 import type { SoftRoceEngine } from '../backend/engines/soft-roce/soft-roce-engine.js';
-import { VhostUserFrontend } from '../virtio/frontend/frontend.js';
-import { native } from '../virtio/sys/native.js';
 import { DriverProtocolError, type RefDriver, type SavedDevice } from './driver/ref-driver.js';
-import { randomRocePort, startDevice, type DeviceUnderTest } from './harness.js';
+import { frontendTo, randomRocePort, startDevice, type DeviceUnderTest } from './harness.js';
 import { ALL_ACCESS, connectedPair, mrBuf, pattern, pollN, readU64le, withTeardown, type MrBuf, type ScenarioEnv, type Side, type Teardown } from './scenarios/common.js';
 
 const A_ADDR = '127.0.0.2';
@@ -148,14 +146,6 @@ async function workload(a: RefDriver, b: RefDriver, move: Move, beforeRound?: Ro
   });
 }
 
-/** A front-end connected to an in-process device's back-end: the destination QEMU's role. */
-function connectTo(dev: DeviceUnderTest): VhostUserFrontend {
-  const d = dev as DeviceUnderTest & { backend?: { serve(fd: number): Promise<unknown> } };
-  if (d.backend === undefined) throw new Error('connectTo needs an in-process device');
-  const [x, y] = native.socketPair();
-  void d.backend.serve(x);
-  return VhostUserFrontend.fromFd(y);
-}
 
 function engineOf(dev: DeviceUnderTest): SoftRoceEngine {
   return (dev as DeviceUnderTest & { engine: SoftRoceEngine }).engine;
@@ -197,7 +187,7 @@ describe('live migration of a soft-RoCE device with RC traffic in flight both wa
           expect(changed.filter((w) => !l.isDirty(w.gpa)).map((w) => `0x${w.gpa.toString(16)}`), 'pages written but not in the dirty log').toEqual([]);
           checkedPages = changed.length;
         }
-        await drv.loadAndRun(connectTo(to), saved);
+        await drv.loadAndRun(frontendTo(to), saved);
         await waitFor(() => engineOf(to).link.held, 'the destination takes the address');
       }, beforeRound);
       expect(checkedPages).toBeGreaterThan(0);
@@ -232,7 +222,7 @@ describe('live migration of a soft-RoCE device with RC traffic in flight both wa
         expect(engineOf(a).link.held).toBe(false);
         // Cut short on the way: the destination refuses it at CHECK_DEVICE_STATE.
         const corrupt: SavedDevice = { state: saved.state.subarray(0, saved.state.byteLength - 7), bases: saved.bases };
-        await expect(drv.loadAndRun(connectTo(to), corrupt)).rejects.toThrow(DriverProtocolError);
+        await expect(drv.loadAndRun(frontendTo(to), corrupt)).rejects.toThrow(DriverProtocolError);
         refusals++;
         expect(engineOf(to).link.held, 'a refused destination never takes the address').toBe(false);
         await drv.resumeHere(saved);

@@ -7,9 +7,8 @@
  */
 import { describe, expect, it } from 'vitest';
 import { native } from '../virtio/sys/native.js';
-import { VhostUserFrontend } from '../virtio/frontend/frontend.js';
 import { SendFlag, SendOp } from '../backend/abi/constants.js';
-import { startDevice, type DeviceUnderTest } from './harness.js';
+import { frontendTo, startDevice } from './harness.js';
 import type { RefDriver } from './driver/ref-driver.js';
 import { ALL_ACCESS, connectedPair, describeWc, mrBuf, pattern, pollN, withTeardown, type ScenarioEnv } from './scenarios/common.js';
 
@@ -88,7 +87,7 @@ describe('device state save/load with traffic in flight', () => {
     try {
       const drv = await source.open();
       const moved = await workload(drv, async (d) => {
-        stateBytes = await d.migrateTo(await connectTo(dest));
+        stateBytes = await d.migrateTo(frontendTo(dest));
       });
       expect(stateBytes).toBeGreaterThan(0);
       expect(moved.cqes).toEqual(reference.cqes);
@@ -105,7 +104,7 @@ describe('device state save/load with traffic in flight', () => {
   it('refuses a corrupt state blob at CHECK_DEVICE_STATE and keeps serving', async () => {
     const dev = await startDevice();
     try {
-      const fe = await connectTo(dev);
+      const fe = frontendTo(dev);
       await fe.negotiate((1n << 32n) | (1n << 29n), (1n << 20n) - 1n);
       for (const blob of ['not json', '{"format":"vrdma-device-state","version":99}', '{"format":"vrdma-device-state","version":1,"slots":{"cq":1,"qp":1}}']) {
         const [mine, theirs] = native.socketPair();
@@ -123,14 +122,6 @@ describe('device state save/load with traffic in flight', () => {
   });
 });
 
-/** A front-end connected to an in-process device's back-end (the destination QEMU's role). */
-async function connectTo(dev: DeviceUnderTest): Promise<VhostUserFrontend> {
-  const d = dev as DeviceUnderTest & { backend?: { serve(fd: number): Promise<unknown> } };
-  if (d.backend === undefined) throw new Error('connectTo needs an in-process device');
-  const [a, b] = native.socketPair();
-  void d.backend.serve(a);
-  return VhostUserFrontend.fromFd(b);
-}
 
 async function writeAndClose(fd: number, data: Uint8Array): Promise<void> {
   const { Socket } = await import('node:net');
